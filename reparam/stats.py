@@ -1,0 +1,83 @@
+"""Counting what a model runs: convolutions, batch norms, parameters, multiply-accumulates."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from statistics import median
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+_BN_OPS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
+           "_native_batch_norm_legit", "cudnn_batch_norm", "miopen_batch_norm"}
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What a model contains (params) and, with example inputs, what one forward runs."""
+    convs: int          # convolution (and linear) ops executed; conv/linear modules without inputs
+    bns: int            # batch-norm ops executed; BN modules without inputs
+    params: int         # parameter count (shared tensors once)
+    macs: float | None  # multiply-accumulates of one forward, None without inputs
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.convs = self.bns = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        if name in ("convolution", "mm", "addmm", "bmm"):
+            self.convs += 1
+        elif name in _BN_OPS:
+            self.bns += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def count(model: nn.Module, example_inputs=None) -> Stats:
+    """Convs, BNs and params of `model`; with `example_inputs` (a tuple), the ops one forward runs.
+
+    Counting ops executed (at the ATen level) also sees `F.conv2d` calls and shared modules that
+    module counting misses. A Linear counts as a convolution (a 1×1 conv on a 2-D input)."""
+    params = count_params(model)
+    if example_inputs is None:
+        convs = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
+        bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        return Stats(convs, bns, params, None)
+    flops = FlopCounterMode(display=False)
+    ops = _OpCounter()
+    with flops, ops:
+        model(*example_inputs)
+    return Stats(ops.convs, ops.bns, params, flops.get_total_flops() / 2)
+
+
+def _sync(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def latency(model: nn.Module, example_inputs, *, warmup: int = 3, repeats: int = 10,
+            min_time: float = 0.0) -> tuple[float, float]:
+    """Median and spread (max - min) of one forward, in seconds, after `warmup` runs.
+
+    Runs at least `repeats` times and at least `min_time` seconds in all."""
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
+    for _ in range(warmup):
+        model(*example_inputs)
+    _sync(device)
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        model(*example_inputs)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return median(times), max(times) - min(times)
