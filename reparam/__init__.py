@@ -1,4 +1,10 @@
-"""reparam: collapse re-parameterizable multi-branch blocks into single convolutions with torch.fx."""
+"""reparam: collapse re-parameterizable multi-branch blocks into single convolutions with torch.fx.
+
+    fused = reparam.fuse(model)                   # eval-mode, same function, fewer convs
+    print(reparam.explain(model, (x,)))           # what was merged, what was left alone and why
+"""
+from .fuse import explain, fuse, fuse_with_report
+from .report import Report
 from .stats import Stats, count
 
-__all__ = ["Stats", "count"]
+__all__ = ["Report", "Stats", "count", "explain", "fuse", "fuse_with_report"]

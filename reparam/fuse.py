@@ -1,0 +1,107 @@
+"""`fuse`: model → fx graph → rewritten graph → module + report."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import engine, trace
+from .report import Report, Rewrite, Skip, Untraced
+from .stats import count
+from .testing import rel_error
+
+
+def _check(model, example_inputs):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"reparam.fuse expects a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be a tensor or a tuple of the forward's arguments, "
+                        f"got {type(example_inputs).__name__}")
+    return tuple(example_inputs)
+
+
+def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = False
+                     ) -> tuple[nn.Module, Report]:
+    """Fuse `model` (see `fuse`) and say what was done, what was left alone and why."""
+    inputs = _check(model, example_inputs)
+    report = Report()
+    if model.training:
+        report.notes.append("the model was in training mode: fused its eval-mode function "
+                            "(BatchNorm running statistics)")
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    with torch.no_grad():
+        report.before = count(work, inputs)
+        expected = work(*inputs) if inputs is not None else None
+        fused = _fuse(work, inputs, "", report)
+        fused.eval()
+        report.after = count(fused, inputs)
+        if inputs is not None:
+            report.max_rel_error = rel_error(expected, fused(*inputs))
+    return fused, report
+
+
+def fuse(model: nn.Module, example_inputs=None, *, inplace: bool = False) -> nn.Module:
+    """An eval-mode module computing `model`'s eval-mode function with as few convs as is exact.
+
+    model: any nn.Module; it is not modified unless `inplace=True`.
+    example_inputs: optional tuple of forward arguments; they let `torch.export` trace models
+    that `torch.fx.symbolic_trace` cannot, and give shapes to rules that need them.
+    Returns a torch.fx.GraphModule, or, where the whole model cannot be traced, a copy whose
+    traceable submodules are fused."""
+    return fuse_with_report(model, example_inputs, inplace=inplace)[0]
+
+
+def explain(model: nn.Module, example_inputs=None) -> Report:
+    """The report of `fuse_with_report` (with example inputs: the max relative error too)."""
+    return fuse_with_report(model, example_inputs)[1]
+
+
+def _fuse(module: nn.Module, inputs, path: str, report: Report) -> nn.Module:
+    gm, errors = trace.trace(module, inputs)
+    if gm is None:
+        children = list(module.named_children())
+        report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
+        child_inputs = _capture_inputs(module, inputs) if inputs is not None else {}
+        for name, child in children:
+            sub = f"{path}.{name}" if path else name
+            setattr(module, name, _fuse(child, child_inputs.get(name), sub, report))
+        return module
+    if inputs is not None and not any("val" in n.meta for n in gm.graph.nodes):
+        try:
+            ShapeProp(gm).propagate(*inputs)
+        except Exception as e:  # shapes only sharpen a few checks; rules refuse without them
+            report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
+    outcome = engine.run(gm)
+    prefix = f"{path}." if path else ""
+    report.rewrites += [Rewrite(a.rule, prefix + a.path, a.detail, a.shape) for a in outcome.applied]
+    report.skipped += [Skip(r.rule, prefix + (_node_path(gm, r.node)), r.reason) for r in outcome.refused]
+    return gm
+
+
+def _node_path(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return node.target
+    stack = node.meta.get("nn_module_stack")
+    where = list(stack.values())[-1][0] if stack else ""
+    return f"{where}:{node.name}" if where else node.name
+
+
+def _capture_inputs(module: nn.Module, inputs) -> dict[str, tuple]:
+    """The arguments each direct child gets in one forward, for children called exactly once."""
+    seen: dict[str, list] = {}
+    hooks = [child.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args))
+             for name, child in module.named_children()]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: calls[0] for name, calls in seen.items() if len(calls) == 1}

@@ -1,0 +1,459 @@
+"""The only code that reads or writes torch.fx nodes.
+
+`Graph` wraps a GraphModule being rewritten: it tells what a node computes when that is linear
+(`linear_of`: a spec from `algebra` and the node it reads), and it applies the `Rewrite` values
+that rules return. Targets are listed for both front ends: torch-level calls from
+`symbolic_trace` and ATen calls from `torch.export`.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import algebra
+from .algebra import Affine, ConvSpec, Pool, Reason
+from .nn import BNAndPad
+
+aten = torch.ops.aten
+
+ADD = {operator.add, operator.iadd, torch.add, aten.add.Tensor, "add", "add_"}
+SUB = {operator.sub, operator.isub, torch.sub, aten.sub.Tensor, "sub", "sub_"}
+MUL = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, "mul"}
+DIV = {operator.truediv, torch.div, aten.div.Tensor, "div"}
+NEG = {operator.neg, torch.neg, aten.neg.default, "neg"}
+CAT = {torch.cat, torch.concat, aten.cat.default}
+INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
+            aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+            aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
+LINEAR_FNS = {F.linear, aten.linear.default}
+AVGPOOL_FNS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+               aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3}
+DROPOUT_FNS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+               F.feature_alpha_dropout, aten.dropout.default}
+IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+IDENTITY_FNS = {torch.clone, aten.clone.default, aten.alias.default, torch.detach}
+IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                    nn.AlphaDropout, nn.FeatureAlphaDropout)
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_RANDOM = ("rand", "dropout", "bernoulli", "normal", "multinomial", "poisson")
+
+
+def is_op(node: fx.Node, targets) -> bool:
+    return node.op in ("call_function", "call_method") and _hashable(node.target) in targets
+
+
+def _hashable(t):
+    try:
+        hash(t)
+        return t
+    except TypeError:
+        return None
+
+
+def arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+@dataclass
+class NewConv:
+    """A conv to create: `spec` applied to `input`, replacing `replaces`."""
+    spec: ConvSpec
+    input: fx.Node
+    replaces: list[fx.Node]
+
+
+@dataclass
+class Constant:
+    value: torch.Tensor
+
+
+@dataclass
+class Rewrite:
+    """Replace `output` by the sum (or channel concat) of `terms`; erase what becomes dead."""
+    rule: str
+    output: fx.Node
+    terms: list[tuple[NewConv | Constant | fx.Node, float]]
+    erase: list[fx.Node]
+    detail: str = ""
+    cat_dim: int | None = None  # concatenate the terms along this dim instead of summing
+
+
+@dataclass(frozen=True)
+class Refusal:
+    rule: str
+    node: fx.Node
+    reason: str
+
+
+@dataclass
+class Graph:
+    gm: fx.GraphModule
+    modules: dict[str, nn.Module] = field(init=False)
+    calls: Counter = field(init=False)
+    const_count: int = 0
+
+    def __post_init__(self):
+        self.refresh()
+
+    def refresh(self):
+        self.modules = dict(self.gm.named_modules())
+        self.calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
+
+    # ---- reading ----
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def const(self, a):
+        """The value of a constant argument (a get_attr tensor or a Python number), else None."""
+        if isinstance(a, fx.Node):
+            if a.op != "get_attr":
+                return None
+            obj = self.gm
+            for part in a.target.split("."):
+                obj = getattr(obj, part)
+            return obj if isinstance(obj, torch.Tensor) else None
+        return a if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+
+    def is_const(self, a) -> bool:
+        return self.const(a) is not None
+
+    def path(self, node: fx.Node) -> str:
+        """The module a node belongs to, as a dotted path ('' for the root)."""
+        if node.op == "call_module":
+            return node.target
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            return list(stack.values())[-1][0]
+        return ""
+
+    def paths(self, node: fx.Node) -> set[str]:
+        return set(node.meta.get("reparam_paths", ())) or {self.path(node)}
+
+    def ndim(self, node: fx.Node) -> int | None:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            return len(meta.shape)
+        val = node.meta.get("val")
+        return val.dim() if isinstance(val, torch.Tensor) else None
+
+    def single_use(self, node: fx.Node, user: fx.Node) -> bool:
+        return list(node.users) == [user]
+
+    def shared(self, node: fx.Node) -> Reason | None:
+        if node.op == "call_module" and self.calls[node.target] > 1:
+            return (f"module '{node.target}' is called from {self.calls[node.target]} places; "
+                    "fusing one call would untie its weights")
+        return None
+
+    def linear_of(self, node: fx.Node):
+        """(spec, input node) when `node` computes a linear map of one input; a reason when it
+        looks like one but is not exact to treat as such; None when it is something else."""
+        if node.op == "call_module":
+            return self._module_linear(node)
+        if node.op not in ("call_function", "call_method"):
+            return None
+        t = _hashable(node.target)
+        if t in CONV_FNS:
+            return self._conv_fn(node, CONV_FNS[t])
+        if t in LINEAR_FNS:
+            w, b = self.const(arg(node, 1, "weight")), self.const(arg(node, 2, "bias"))
+            if w is None or (arg(node, 2, "bias") is not None and b is None):
+                return None
+            return algebra.conv_spec(w, b), node.args[0]
+        if t in (F.batch_norm, aten.batch_norm.default):
+            return self._bn_fn(node, t)
+        if t in AVGPOOL_FNS:
+            return self._pool(node.args[0], AVGPOOL_FNS[t], arg(node, 1, "kernel_size"),
+                              arg(node, 2, "stride"), arg(node, 3, "padding", 0),
+                              arg(node, 4, "ceil_mode", False),
+                              arg(node, 5, "count_include_pad", True),
+                              arg(node, 6, "divisor_override"))
+        if t in MUL or t in DIV or t in NEG:
+            return self._scale(node, t)
+        if t in ADD or t in SUB:
+            return self._shift(node, t)
+        return None
+
+    def _module_linear(self, node):
+        m = self.module(node)
+        if isinstance(m, CONV_MODULES) or isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if reason := self.shared(node):
+                return reason
+        if isinstance(m, nn.Linear):
+            return algebra.conv_spec(m.weight, m.bias), node.args[0]
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if m.padding_mode != "zeros" and any(_padding(m.padding, m.kernel_size, m.dilation) or [1]):
+                return f"padding_mode '{m.padding_mode}' is not zero padding"
+            pad = _padding(m.padding, m.kernel_size, m.dilation)
+            if pad is None:
+                return "padding='same' with an even kernel pads asymmetrically"
+            return algebra.conv_spec(m.weight, m.bias, m.stride, pad, m.dilation, m.groups), node.args[0]
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.running_mean is None or m.running_var is None:
+                return "BatchNorm without running statistics normalizes with batch statistics"
+            scale, shift = algebra.bn_affine(m.running_mean, m.running_var,
+                                             m.weight if m.affine else None,
+                                             m.bias if m.affine else None, m.eps)
+            if isinstance(m, BNAndPad):
+                spec = algebra.as_conv(Affine(scale, shift), scale.numel(), 2)
+                return ConvSpec(spec.weight, spec.bias, (1, 1), (m.padding,) * 2, (1, 1),
+                                spec.groups), node.args[0]
+            nd = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(m))
+            return Affine(scale, shift, nd), node.args[0]
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+            nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]
+            return self._pool(node.args[0], nd, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                              m.count_include_pad, getattr(m, "divisor_override", None))
+        return None
+
+    def _conv_fn(self, node, nd):
+        w = self.const(arg(node, 1, "weight"))
+        b_arg = arg(node, 2, "bias")
+        b = self.const(b_arg)
+        if w is None or (b_arg is not None and b is None):
+            return None  # a weight computed from the input is not a fixed linear map
+        k = tuple(w.shape[2:])
+        d = _tuple(arg(node, 5, "dilation", 1), nd)
+        pad = _padding(arg(node, 4, "padding", 0), k, d)
+        if pad is None:
+            return "padding='same' with an even kernel pads asymmetrically"
+        return algebra.conv_spec(w, b, _tuple(arg(node, 3, "stride", 1), nd), pad, d,
+                                 arg(node, 6, "groups", 1)), node.args[0]
+
+    def _bn_fn(self, node, t):
+        if t is F.batch_norm:  # (input, running_mean, running_var, weight, bias, training, momentum, eps)
+            names = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"),
+                     (5, "training"), (7, "eps")]
+            defaults = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
+        else:  # aten: (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+            names = [(3, "running_mean"), (4, "running_var"), (1, "weight"), (2, "bias"),
+                     (5, "training"), (7, "eps")]
+            defaults = {"training": False, "eps": 1e-5}
+        a = {n: arg(node, i, n, defaults.get(n)) for i, n in names}
+        if a["training"]:
+            return "batch_norm with training=True uses batch statistics"
+        vals = {n: self.const(a[n]) for n in ("running_mean", "running_var", "weight", "bias")}
+        if vals["running_mean"] is None or vals["running_var"] is None:
+            return "batch_norm without constant running statistics"
+        if any(a[n] is not None and vals[n] is None for n in ("weight", "bias")):
+            return None
+        scale, shift = algebra.bn_affine(vals["running_mean"], vals["running_var"],
+                                         vals["weight"], vals["bias"], a["eps"])
+        return Affine(scale, shift, None), node.args[0]
+
+    def _pool(self, x, nd, kernel, stride, padding, ceil_mode, count_include_pad, divisor):
+        k = _tuple(kernel, nd)
+        s = _tuple(stride if stride not in (None, []) else kernel, nd)
+        p = _tuple(padding, nd)
+        if ceil_mode:
+            return "AvgPool with ceil_mode=True has partial windows at the border"
+        if any(p) and not count_include_pad and divisor is None:
+            return ("AvgPool with count_include_pad=False divides border windows by fewer "
+                    "elements: not a convolution")
+        return Pool(k, s, p, float(divisor or math.prod(k))), x
+
+    def _scale(self, node, t):
+        args = [a for a in node.args[:2]]
+        if t in NEG:
+            return (Affine(torch.tensor(-1.0, dtype=torch.float64)), args[0]) \
+                if isinstance(args[0], fx.Node) else None
+        if len(args) != 2 or node.kwargs:
+            return None
+        consts = [self.const(a) for a in args]
+        if t in DIV:  # x / c only
+            if consts[0] is not None or consts[1] is None or not isinstance(args[0], fx.Node):
+                return None
+            c = consts[1]
+            return _affine(1.0 / (c.double() if isinstance(c, torch.Tensor) else float(c)), None), args[0]
+        for i in (0, 1):
+            if consts[1 - i] is not None and isinstance(args[i], fx.Node) and consts[i] is None:
+                return _affine(consts[1 - i], None), args[i]
+        return None
+
+    def _shift(self, node, t):
+        """x + c and x - c with a constant c: an affine map. (Sums of tensors are merge_sum's.)"""
+        if len(node.args) != 2 or node.kwargs:
+            return None
+        a, b = node.args
+        ca, cb = self.const(a), self.const(b)
+        if isinstance(a, fx.Node) and ca is None and cb is not None:
+            return _affine(1.0, cb if t in ADD else -cb), a
+        if isinstance(b, fx.Node) and cb is None and ca is not None and t in ADD:
+            return _affine(1.0, ca), b
+        return None
+
+    def dtype_device(self, nodes) -> tuple[torch.dtype, torch.device]:
+        """dtype and device of the first floating tensor the nodes hold (weights, constants)."""
+        for n in nodes:
+            tensors = []
+            if n.op == "call_module":
+                m = self.module(n)
+                tensors = list(m.parameters()) + list(m.buffers())
+            tensors += [self.const(a) for a in n.args if isinstance(a, fx.Node)]
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    return t.dtype, t.device
+        val = nodes[0].meta.get("val") if nodes else None
+        if isinstance(val, torch.Tensor):
+            return val.dtype, val.device
+        return torch.get_default_dtype(), torch.device("cpu")
+
+    # ---- writing ----
+    def apply(self, rw: Rewrite) -> fx.Node:
+        graph = self.gm.graph
+        out = rw.output
+        with graph.inserting_before(out):
+            vals = []
+            for term, coef in rw.terms:
+                if isinstance(term, NewConv):
+                    term = self._add_conv(term)
+                elif isinstance(term, Constant):
+                    term = self._add_const(term.value)
+                vals.append((term, coef))
+            if rw.cat_dim is not None:
+                result = graph.call_function(torch.cat, ([v for v, _ in vals],), {"dim": rw.cat_dim})
+            else:
+                result = None
+                for v, c in vals:
+                    if c not in (1.0, -1.0):
+                        v, c = graph.call_function(operator.mul, (v, c)), 1.0
+                    if result is None:
+                        result = v if c == 1.0 else graph.call_function(operator.neg, (v,))
+                    else:
+                        result = graph.call_function(operator.add if c == 1.0 else operator.sub,
+                                                     (result, v))
+        for key in ("tensor_meta", "val"):
+            if key in out.meta and key not in result.meta:
+                result.meta[key] = out.meta[key]
+        out.replace_all_uses_with(result)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for n in sorted(set(rw.erase), key=lambda n: -order.get(n, -1)):
+            if n.graph is graph and not n.users and n is not result:
+                graph.erase_node(n)
+        self.refresh()
+        return result
+
+    def _add_conv(self, new: NewConv) -> fx.Node:
+        dtype, device = self.dtype_device(new.replaces)
+        paths = set().union(*(self.paths(n) for n in new.replaces))
+        name = self._name_for(new.replaces, paths)
+        self.gm.add_submodule(name, make_module(new.spec, dtype, device))
+        node = self.gm.graph.call_module(name, (new.input,))
+        node.meta["reparam_paths"] = sorted(paths)
+        node.meta["reparam_new"] = True
+        return node
+
+    def _name_for(self, nodes, paths) -> str:
+        """Keep the name of the one conv being folded into; else '<deepest common scope>.reparam'."""
+        convs = [n for n in nodes if isinstance(self.module(n), CONV_MODULES)]
+        if len(convs) == 1:
+            t = convs[0].target
+            attrs = [n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target.startswith(t + ".")]
+            if self.calls[t] == 1 and not attrs:
+                return t
+        parts = [p.split(".") if p else [] for p in paths]
+        common = []
+        for level in zip(*parts):
+            if len(set(level)) > 1:
+                break
+            common.append(level[0])
+        base = ".".join(common + ["reparam"])
+        name, i = base, 0
+        while self._exists(name):
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self.gm.get_submodule(name)
+            return True
+        except AttributeError:
+            return hasattr(self.gm, name)
+
+    def _add_const(self, value: torch.Tensor) -> fx.Node:
+        name = f"_reparam_const_{self.const_count}"
+        while hasattr(self.gm, name):
+            self.const_count += 1
+            name = f"_reparam_const_{self.const_count}"
+        self.gm.register_buffer(name, value.detach().clone())
+        return self.gm.graph.get_attr(name)
+
+    def cleanup(self):
+        """Drop get_attr nodes and buffers/modules nothing uses any more."""
+        graph = self.gm.graph
+        for n in list(graph.nodes):
+            if n.op == "get_attr" and not n.users:
+                graph.erase_node(n)
+        used = {n.target for n in graph.nodes if n.op == "get_attr"}
+        for name, _ in list(self.gm.named_buffers(recurse=False)):
+            if name.startswith("_reparam_const_") and name not in used:
+                delattr(self.gm, name)
+        graph.lint()
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+
+
+def _affine(c, shift):
+    """Affine of a multiplier c (number or tensor) and optional shift: per-channel or scalar."""
+    scale = torch.as_tensor(c, dtype=torch.float64)
+    nd = None
+    if scale.numel() == 1 and (shift is None or torch.as_tensor(shift).numel() == 1):
+        scale = scale.reshape(())
+        if shift is not None:
+            return Affine(scale, torch.as_tensor(shift, dtype=torch.float64).reshape(()), None)
+        return Affine(scale, None, None)
+    shape = scale.shape if scale.numel() > 1 else torch.as_tensor(shift).shape
+    big = [i for i, s in enumerate(shape) if s != 1]
+    if len(big) != 1:
+        return None
+    nd = len(shape) - big[0] - 1  # where the channel axis lands when broadcasting from the right
+    chans = shape[big[0]]
+    scale = scale.reshape(-1).expand(chans).clone() if scale.numel() in (1, chans) else None
+    if scale is None:
+        return None
+    if shift is not None:
+        shift = torch.as_tensor(shift, dtype=torch.float64).reshape(-1).expand(chans).clone()
+    return Affine(scale, shift, nd)
+
+
+def _tuple(v, nd):
+    if isinstance(v, (list, tuple)):
+        return tuple(v) if len(v) == nd else tuple(v) * nd if len(v) == 1 else tuple(v)
+    return (v,) * nd
+
+
+def _padding(padding, kernel, dilation):
+    """Symmetric padding per axis; None for 'same' that pads asymmetrically."""
+    nd = len(kernel)
+    if padding == "valid":
+        return (0,) * nd
+    if padding == "same":
+        ext = [d * (k - 1) for k, d in zip(kernel, _tuple(dilation, nd))]
+        return None if any(e % 2 for e in ext) else tuple(e // 2 for e in ext)
+    return _tuple(padding, nd)
+
+
+def make_module(spec: ConvSpec, dtype, device) -> nn.Module:
+    """An nn.Conv{1,2,3}d (nn.Linear for nd 0) holding `spec`, cast to dtype/device."""
+    if spec.nd == 0:
+        w = algebra.dense(spec)
+        m = nn.Linear(w.shape[1], w.shape[0], bias=spec.bias is not None, device="meta")
+    else:
+        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spec.nd]
+        w = spec.weight
+        m = cls(spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
+                spec.dilation, spec.groups, bias=spec.bias is not None, device="meta")
+    m.weight = nn.Parameter(w.to(dtype=dtype, device=device).contiguous())
+    if spec.bias is not None:
+        m.bias = nn.Parameter(spec.bias.to(dtype=dtype, device=device).contiguous())
+    return m

@@ -1,0 +1,71 @@
+"""What `fuse` did: each rewrite, each place left alone and why, and the before/after counts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .stats import Stats
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    rule: str
+    path: str
+    detail: str
+    shape: str = ""
+
+
+@dataclass(frozen=True)
+class Skip:
+    rule: str
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Untraced:
+    path: str
+    message: str
+
+
+@dataclass
+class Report:
+    rewrites: list[Rewrite] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    untraced: list[Untraced] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    before: Stats | None = None
+    after: Stats | None = None
+    max_rel_error: float | None = None
+
+    def table(self) -> str:
+        return stats_table({"before": self.before, "after": self.after})
+
+    def __str__(self) -> str:
+        lines = [self.table()]
+        if self.max_rel_error is not None:
+            lines.append(f"max relative error: {self.max_rel_error:.3g}")
+        lines += [f"note: {n}" for n in self.notes]
+        if self.rewrites:
+            lines.append(f"\n{len(self.rewrites)} rewrites:")
+            lines += [f"  {r.rule:<17} {r.path:<40} {r.shape}  ({r.detail})" for r in self.rewrites]
+        if self.skipped:
+            lines.append(f"\n{len(self.skipped)} places left alone:")
+            lines += [f"  {s.rule:<17} {s.path:<40} {s.reason}" for s in self.skipped]
+        if self.untraced:
+            lines.append(f"\n{len(self.untraced)} modules could not be traced (their children were fused one by one):")
+            lines += [f"  {u.path:<40} {u.message}" for u in self.untraced]
+        return "\n".join(lines)
+
+
+def stats_table(columns: dict[str, Stats | None], extra: dict[str, list[str]] | None = None) -> str:
+    """A plain-text table: one row per figure, one column per model form."""
+    cols = {k: v for k, v in columns.items() if v is not None}
+    rows = [("convs", lambda s: str(s.convs)), ("BNs", lambda s: str(s.bns)),
+            ("params", lambda s: f"{s.params / 1e6:.3f} M" if s.params >= 100_000 else f"{s.params:,}"),
+            ("GMACs", lambda s: "-" if s.macs is None else f"{s.macs / 1e9:.3f}")]
+    body = [[name] + [fmt(s) for s in cols.values()] for name, fmt in rows]
+    body += [[name] + vals for name, vals in (extra or {}).items()]
+    head = [""] + list(cols)
+    widths = [max(len(str(r[i])) for r in body + [head]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(head)] + [fmt(r) for r in body])

@@ -1,0 +1,43 @@
+"""b(a(x)) with nothing between: one conv where `algebra.compose` says it is exact."""
+from __future__ import annotations
+
+from torch import fx
+
+from .. import algebra
+from ..ops import Graph, NewConv, Refusal, Rewrite
+from .common import as_conv, common_rank, linear
+
+NAME = "merge_sequential"
+
+
+def merge_sequential(node: fx.Node, g: Graph):
+    second = linear(g, node)
+    if second is None:
+        return None
+    if isinstance(second, str):
+        first_node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if first_node is not None and isinstance(linear(g, first_node), tuple):
+            return Refusal(NAME, node, second)
+        return None
+    b, a_node = second
+    first = linear(g, a_node)
+    if first is None:
+        return None
+    if isinstance(first, str):
+        return Refusal(NAME, a_node, first)
+    a, x = first
+    if not g.single_use(a_node, node):
+        return Refusal(NAME, a_node, f"its output is also used by {len(a_node.users) - 1} other op(s)")
+    nd = common_rank([a, b], g.ndim(a_node))
+    if isinstance(nd, str):
+        return Refusal(NAME, node, nd)
+    mid = algebra.channels(a)[1] or algebra.channels(b)[0]
+    ca, cb = as_conv(a, mid, nd), as_conv(b, mid, nd)
+    for c in (ca, cb):
+        if isinstance(c, str):
+            return Refusal(NAME, node, c)
+    spec = algebra.compose(ca, cb)
+    if isinstance(spec, str):
+        return Refusal(NAME, node, spec)
+    return Rewrite(NAME, node, [(NewConv(spec, x, [a_node, node]), 1.0)], [node, a_node],
+                   f"{g.path(a_node) or a_node.name} → {g.path(node) or node.name}")

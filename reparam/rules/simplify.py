@@ -1,0 +1,68 @@
+"""Rules that remove work without merging convs: constants folded, identities dropped."""
+from __future__ import annotations
+
+
+from torch import fx
+
+from ..ops import (ADD, DIV, DROPOUT_FNS, IDENTITY_FNS, IDENTITY_METHODS, IDENTITY_MODULES, INPLACE,
+                   MUL, SUB, Constant, Graph, Rewrite, _RANDOM, is_op)
+
+
+def fold_constants(node: fx.Node, g: Graph):
+    """An op whose inputs are all constants (a kernel built from parameters in `forward`, say)
+    becomes one constant."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    inputs = node.all_input_nodes
+    if not inputs or not all(g.is_const(n) for n in inputs):
+        return None
+    name = getattr(node.target, "__name__", str(node.target))
+    if any(r in name for r in _RANDOM) or node.target in INPLACE or name.endswith("_"):
+        return None
+    args = fx.node.map_arg(node.args, g.const)
+    kwargs = fx.node.map_arg(node.kwargs, g.const)
+    if node.op == "call_method":
+        value = getattr(args[0], node.target)(*args[1:], **kwargs)
+    else:
+        value = node.target(*args, **kwargs)
+    if not hasattr(value, "dtype") or not hasattr(value, "shape"):
+        return None
+    return Rewrite("fold_constants", node, [(Constant(value), 1.0)], [node], name)
+
+
+def _mutated(node: fx.Node) -> bool:
+    return any(u.target in INPLACE or (u.op == "call_method" and str(u.target).endswith("_"))
+               for u in node.users)
+
+
+def _is(a, value) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool) and a == value
+
+
+def _identity_input(node: fx.Node, g: Graph):
+    """x when `node` computes x itself, else None."""
+    if node.op == "call_module":
+        return node.args[0] if isinstance(g.module(node), IDENTITY_MODULES) else None
+    if is_op(node, DROPOUT_FNS):  # F.dropout(x, p, training=True), aten.dropout(x, p, train)
+        training = node.args[2] if len(node.args) > 2 else \
+            node.kwargs.get("training", node.kwargs.get("train", True))
+        return None if training else node.args[0]
+    if (is_op(node, IDENTITY_METHODS) or is_op(node, IDENTITY_FNS)) and len(node.args) == 1 \
+            and not node.kwargs:
+        return node.args[0]
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if is_op(node, ADD) or is_op(node, SUB):
+        return a if _is(b, 0) else b if _is(a, 0) and is_op(node, ADD) else None
+    if is_op(node, MUL) or is_op(node, DIV):
+        return a if _is(b, 1) else b if _is(a, 1) and is_op(node, MUL) else None
+    return None
+
+
+def remove_identity(node: fx.Node, g: Graph):
+    """Eval-mode dropout, nn.Identity, clone/contiguous, `+ 0`, `* 1`: the input itself."""
+    x = _identity_input(node, g) if node.op != "placeholder" else None
+    if not isinstance(x, fx.Node) or _mutated(node) or node.target in INPLACE:
+        return None
+    return Rewrite("remove_identity", node, [(x, 1.0)], [node], node.name)

@@ -1,0 +1,54 @@
+"""Front ends: a model in, a torch.fx GraphModule out (or why not).
+
+`symbolic_trace` with parameters kept concrete, so a kernel built from parameters inside
+`forward` (OREPA) is computed at trace time and enters the graph as a constant; `torch.export`
+with example inputs where symbolic tracing fails (shape-dependent code, `int(x.shape[2])`)."""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .nn import BNAndPad
+
+
+class ConcreteParamTracer(fx.Tracer):
+    """Parameters and buffers read in `forward` are real tensors, not proxies."""
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, BNAndPad) or super().is_leaf_module(m, qualname)
+
+
+def symbolic(model: nn.Module) -> fx.GraphModule:
+    tracer = ConcreteParamTracer()
+    with torch.no_grad():
+        graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    with torch.no_grad():
+        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+    return ep.module()
+
+
+def trace(model: nn.Module, example_inputs=None) -> tuple[fx.GraphModule | None, list[str]]:
+    """(graph module, []) or (None, the front ends' error messages)."""
+    errors = []
+    try:
+        return symbolic(model), []
+    except Exception as e:  # any tracer failure means: try the next front end
+        errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
+    if example_inputs is not None:
+        try:
+            return exported(model, example_inputs), []
+        except Exception as e:
+            errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
+    return None, errors
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
