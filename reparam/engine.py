@@ -57,7 +57,7 @@ def _where(g: Graph, node: fx.Node) -> str:
 
 def _shape(g: Graph, node: fx.Node) -> str:
     m = g.module(node)
-    if m is None:
+    if m is None or not node.meta.get("reparam_new"):
         return ""
     w = m.weight
     groups = getattr(m, "groups", 1)

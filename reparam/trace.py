@@ -5,6 +5,10 @@
 with example inputs where symbolic tracing fails (shape-dependent code, `int(x.shape[2])`)."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+
 import torch
 from torch import fx, nn
 
@@ -28,8 +32,24 @@ def symbolic(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """torch.export logs whole graphs when it gives up; the report carries the message instead."""
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.export", "torch._export",
+                                               "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         ep = torch.export.export(model, tuple(example_inputs), strict=False)
     return ep.module()
 

@@ -40,9 +40,6 @@ def _terms(g: Graph, node: fx.Node, coef: float, out: list, tree: list):
 def _branches(g: Graph, terms):
     """Group terms by the tensor they read: {source: [(spec or None for identity, coef, node)]}."""
     groups: dict[fx.Node, list] = {}
-    users = {}
-    for t, c in terms:
-        users[t] = users.get(t, 0) + 1
     for t, c in terms:
         lin = linear(g, t)
         if isinstance(lin, tuple) and len(t.users) == 1 and not g.shared(t):
@@ -98,8 +95,7 @@ def merge_sum(node: fx.Node, g: Graph):
         merged_any = True
     if not merged_any:
         return refusal
-    n = sum(1 for s, _, _ in (b for bs in _branches(g, terms).values() for b in bs))
-    return Rewrite("merge_sum", node, result, erase, f"{n} terms → {len(result)}")
+    return Rewrite("merge_sum", node, result, erase, f"{len(terms)} terms → {len(result)}")
 
 
 def merge_concat(node: fx.Node, g: Graph):
