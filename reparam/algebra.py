@@ -189,6 +189,21 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
         return f"ranks differ ({a.nd}-d then {b.nd}-d)"
     if a.out_channels != b.in_channels:
         return f"channels differ ({a.out_channels} out, {b.in_channels} in)"
+    if _diagonal(b) and not any(b.padding):  # a BN after a conv: scale its output channels
+        s = b.weight.reshape(-1)
+        view = (-1,) + (1,) * (a.weight.dim() - 1)
+        bias = None if a.bias is None else a.bias * s
+        return replace(a, weight=a.weight * s.view(view), bias=_add_bias(bias, b.bias),
+                       stride=tuple(x * y for x, y in zip(a.stride, b.stride)))
+    if _diagonal(a) and all(st == 1 for st in a.stride) and not (any(b.padding) and a.has_bias()):
+        # a BN before a conv: scale the conv's input channels (kept grouped)
+        s = a.weight.reshape(b.groups, -1)  # per input channel, by group
+        rep = b.out_channels // b.groups
+        s_rows = s.repeat_interleave(rep, dim=0).view(*b.weight.shape[:2], *(1,) * b.nd)
+        bias = None if a.bias is None else (b.weight * a.bias.reshape(b.groups, -1).repeat_interleave(
+            rep, dim=0).view(*b.weight.shape[:2], *(1,) * b.nd)).sum(dim=tuple(range(1, b.weight.dim())))
+        return replace(b, weight=b.weight * s_rows, bias=_add_bias(bias, b.bias),
+                       padding=tuple(x + y for x, y in zip(a.padding, b.padding)))
     wa, wb = dense(a), dense(b)
     if b.pointwise() and not any(b.padding):
         mb = wb.reshape(wb.shape[0], wb.shape[1])
@@ -209,6 +224,12 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
         return (f"a {_kstr(a)} conv then a {_kstr(b)} conv: only a 1×1 stride-1 first conv or "
                 "a 1×1 unpadded second conv compose exactly")
     return f"the 1×1 second conv pads its input ({b.padding}): the border is not a conv of x"
+
+
+def _diagonal(spec: ConvSpec) -> bool:
+    """A per-channel scale (and bias): pointwise, one channel per group."""
+    return spec.pointwise() and spec.groups == spec.in_channels == spec.out_channels \
+        and spec.nd > 0
 
 
 def _kstr(spec: ConvSpec) -> str:
@@ -256,9 +277,10 @@ def _placed(specs: list[ConvSpec]) -> tuple[list[Tensor], tuple, tuple] | Reason
     if isinstance(aligned, str):
         return aligned
     slices, size, pad, dil = aligned
+    same_groups = len({s.groups for s in specs}) == 1  # then no need for the dense form
     out = []
     for s, sl in zip(specs, slices):
-        w = dense(s)
+        w = s.weight if same_groups else dense(s)
         big = w.new_zeros(*w.shape[:2], *size)
         big[(slice(None), slice(None), *sl)] = w
         out.append(big)
@@ -276,6 +298,8 @@ def add(specs: list[ConvSpec]) -> ConvSpec | Reason:
         return placed
     weights, pad, dil = placed
     bias = reduce(_add_bias, [s.bias for s in specs])
+    if len({s.groups for s in specs}) == 1:
+        return ConvSpec(sum(weights), bias, specs[0].stride, pad, dil, specs[0].groups)
     return _make(sum(weights), bias, specs[0].stride, pad, dil)
 
 

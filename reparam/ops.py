@@ -100,6 +100,7 @@ class Graph:
     modules: dict[str, nn.Module] = field(init=False)
     calls: Counter = field(init=False)
     const_count: int = 0
+    _specs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.refresh()
@@ -157,6 +158,17 @@ class Graph:
     def linear_of(self, node: fx.Node):
         """(spec, input node) when `node` computes a linear map of one input; a reason when it
         looks like one but is not exact to treat as such; None when it is something else."""
+        if reason := self.shared(node):
+            return reason if self._linear(node) is not None else None
+        return self._linear(node)
+
+    def _linear(self, node: fx.Node):
+        # weights never change while fusing: each node's spec is computed once
+        if node not in self._specs:
+            self._specs[node] = self._linear_uncached(node)
+        return self._specs[node]
+
+    def _linear_uncached(self, node: fx.Node):
         if node.op == "call_module":
             return self._module_linear(node)
         if node.op not in ("call_function", "call_method"):
@@ -185,9 +197,6 @@ class Graph:
 
     def _module_linear(self, node):
         m = self.module(node)
-        if isinstance(m, CONV_MODULES) or isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if reason := self.shared(node):
-                return reason
         if isinstance(m, nn.Linear):
             return algebra.conv_spec(m.weight, m.bias), node.args[0]
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
