@@ -155,23 +155,24 @@ def grouped(weight: Tensor) -> tuple[Tensor, int]:
     """The grouped form (weight, groups) of a dense weight, with the most groups that are exact:
     a block is left out only where every weight in it is zero."""
     out, inp = weight.shape[:2]
+    weight = weight.contiguous()  # reshaped once per candidate below
     for g in sorted((d for d in range(1, math.gcd(out, inp) + 1) if math.gcd(out, inp) % d == 0),
                     reverse=True):
         if g == 1:
             break
-        blocks = weight.reshape(g, out // g, g, inp // g, *weight.shape[2:])
+        blocks = weight.reshape(g, out // g, g, inp // g, -1)
         if blocks[0, :, 1].any():  # cheap early exit for the common dense case
             continue
-        off = blocks.clone()
-        idx = torch.arange(g)
-        off[idx, :, idx] = 0
-        if not off.any():
-            return torch.cat([blocks[i, :, i] for i in range(g)]), g
+        nonzero = blocks.ne(0).any(dim=4).any(dim=3).any(dim=1)  # (g, g): which blocks hold weights
+        if not (nonzero & ~torch.eye(g, dtype=torch.bool)).any():
+            return torch.cat([blocks[i, :, i] for i in range(g)]).reshape(out, inp // g, *weight.shape[2:]), g
     return weight, 1
 
 
-def _make(weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> ConvSpec:
-    weight, groups = grouped(weight) if weight.dim() > 2 else (weight, 1)
+def _make(weight: Tensor, bias: Tensor | None, stride, padding, dilation, regroup=True) -> ConvSpec:
+    """A spec from a dense weight; `regroup`: look for the block-diagonal structure grouped
+    inputs leave (products and sums of dense convs are dense: no need to look)."""
+    weight, groups = grouped(weight) if weight.dim() > 2 and regroup else (weight, 1)
     return ConvSpec(weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
@@ -210,7 +211,7 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
         w = torch.einsum("om,mi...->oi...", mb, wa)
         bias = None if a.bias is None else mb @ a.bias
         stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
-        return _make(w, _add_bias(bias, b.bias), stride, a.padding, a.dilation)
+        return _make(w, _add_bias(bias, b.bias), stride, a.padding, a.dilation, a.groups * b.groups > 1)
     if a.pointwise() and all(s == 1 for s in a.stride):
         if any(b.padding) and a.has_bias():
             return ("a bias before a zero-padded conv: the padded border would get the bias "
@@ -219,7 +220,7 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
         w = torch.einsum("om...,mi->oi...", wb, ma)
         bias = None if a.bias is None else torch.einsum("om...,m->o", wb, a.bias)
         padding = tuple(pa + pb for pa, pb in zip(a.padding, b.padding))
-        return _make(w, _add_bias(bias, b.bias), b.stride, padding, b.dilation)
+        return _make(w, _add_bias(bias, b.bias), b.stride, padding, b.dilation, a.groups * b.groups > 1)
     if not b.pointwise():
         return (f"a {_kstr(a)} conv then a {_kstr(b)} conv: only a 1×1 stride-1 first conv or "
                 "a 1×1 unpadded second conv compose exactly")

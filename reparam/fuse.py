@@ -37,7 +37,11 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = F
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     with torch.no_grad():
-        report.before = count(work, inputs)
+        try:
+            report.before = count(work, inputs)
+        except Exception as e:
+            raise ValueError(f"reparam: the model fails on the example inputs "
+                             f"{[tuple(getattr(t, 'shape', ())) for t in inputs]}: {e}") from e
         expected = work(*inputs) if inputs is not None else None
         fused = _fuse(work, inputs, "", report)
         fused.eval()

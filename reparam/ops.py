@@ -101,11 +101,11 @@ class Graph:
     calls: Counter = field(init=False)
     const_count: int = 0
     _specs: dict = field(default_factory=dict)
+    # convs made while fusing: (float64 spec, dtype, device). Their modules hold meta tensors
+    # until `cleanup`, so a chain of rewrites rounds to the model's dtype once, at the end.
+    _pending: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.refresh()
-
-    def refresh(self):
         self.modules = dict(self.gm.named_modules())
         self.calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
 
@@ -145,6 +145,12 @@ class Graph:
             return len(meta.shape)
         val = node.meta.get("val")
         return val.dim() if isinstance(val, torch.Tensor) else None
+
+    def holds_conv(self, node: fx.Node) -> bool:
+        """A convolution or Linear of the original model, or a conv made from one."""
+        if node.op == "call_module":
+            return node.meta.get("reparam_conv", isinstance(self.module(node), CONV_MODULES))
+        return is_op(node, CONV_FNS) or is_op(node, LINEAR_FNS)
 
     def single_use(self, node: fx.Node, user: fx.Node) -> bool:
         return list(node.users) == [user]
@@ -304,6 +310,8 @@ class Graph:
         """dtype and device of the first floating tensor the nodes hold (weights, constants)."""
         for n in nodes:
             tensors = []
+            if n.op == "call_module" and n.target in self._pending:
+                return self._pending[n.target][1:]
             if n.op == "call_module":
                 m = self.module(n)
                 tensors = list(m.parameters()) + list(m.buffers())
@@ -347,18 +355,25 @@ class Graph:
         order = {n: i for i, n in enumerate(graph.nodes)}
         for n in sorted(set(rw.erase), key=lambda n: -order.get(n, -1)):
             if n.graph is graph and not n.users and n is not result:
+                if n.op == "call_module":
+                    self.calls[n.target] -= 1
                 graph.erase_node(n)
-        self.refresh()
         return result
 
     def _add_conv(self, new: NewConv) -> fx.Node:
         dtype, device = self.dtype_device(new.replaces)
         paths = set().union(*(self.paths(n) for n in new.replaces))
         name = self._name_for(new.replaces, paths)
-        self.gm.add_submodule(name, make_module(new.spec, dtype, device))
+        module = make_module(new.spec, dtype, torch.device("meta"))
+        self.gm.add_submodule(name, module)
+        self.modules[name] = module
+        self._pending[name] = (new.spec, dtype, device)
         node = self.gm.graph.call_module(name, (new.input,))
+        self.calls[name] += 1
+        self._specs[node] = (new.spec, new.input)
         node.meta["reparam_paths"] = sorted(paths)
         node.meta["reparam_new"] = True
+        node.meta["reparam_conv"] = any(self.holds_conv(n) for n in new.replaces)
         return node
 
     def _name_for(self, nodes, paths) -> str:
@@ -408,6 +423,8 @@ class Graph:
             if name.startswith("_reparam_const_") and name not in used:
                 delattr(self.gm, name)
         graph.lint()
+        for name in {n.target for n in graph.nodes if n.op == "call_module"} & self._pending.keys():
+            self.gm.add_submodule(name, make_module(*self._pending[name]))
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import fx
 
 from .. import algebra
-from ..ops import Graph, NewConv, Refusal, Rewrite
+from ..ops import ADD, CAT, SUB, Graph, NewConv, Refusal, Rewrite, is_op
 from .common import as_conv, common_rank, linear
 
 NAME = "merge_sequential"
@@ -28,6 +28,10 @@ def merge_sequential(node: fx.Node, g: Graph):
     a, x = first
     if not g.single_use(a_node, node):
         return Refusal(NAME, a_node, f"its output is also used by {len(a_node.users) - 1} other op(s)")
+    if not (g.holds_conv(a_node) or g.holds_conv(node)) and \
+            not all(is_op(u, ADD) or is_op(u, SUB) or is_op(u, CAT) for u in node.users):
+        # two BN/pool/scale ops would become a conv: only worth it as a branch to merge
+        return Refusal(NAME, node, "neither op is a convolution: merging them would add one")
     nd = common_rank([a, b], g.ndim(a_node))
     if isinstance(nd, str):
         return Refusal(NAME, node, nd)
