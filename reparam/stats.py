@@ -8,7 +8,6 @@ from statistics import median
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 _BN_OPS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
            "_native_batch_norm_legit", "cudnn_batch_norm", "miopen_batch_norm"}
@@ -24,17 +23,28 @@ class Stats:
 
 
 class _OpCounter(TorchDispatchMode):
+    """Counts conv/matmul and BN ops as they run, and the convs' and matmuls' MACs."""
+
     def __init__(self):
         super().__init__()
         self.convs = self.bns = 0
+        self.macs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         name = func._overloadpacket.__name__
-        if name in ("convolution", "mm", "addmm", "bmm"):
+        if name == "convolution":
             self.convs += 1
+            # w[0] holds one output's (C_in/groups × kernel) weights; transposed: one input's
+            transposed = len(args) > 6 and args[6]
+            self.macs += (args[0] if transposed else out).numel() * args[1][0].numel()
+        elif name in ("mm", "addmm", "bmm"):
+            self.convs += 1
+            a = args[1] if name == "addmm" else args[0]
+            self.macs += out.numel() * a.shape[-1]
         elif name in _BN_OPS:
             self.bns += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 def count_params(model: nn.Module) -> int:
@@ -52,11 +62,10 @@ def count(model: nn.Module, example_inputs=None) -> Stats:
         convs = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
         bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         return Stats(convs, bns, params, None)
-    flops = FlopCounterMode(display=False)
     ops = _OpCounter()
-    with flops, ops:
+    with ops:
         model(*example_inputs)
-    return Stats(ops.convs, ops.bns, params, flops.get_total_flops() / 2)
+    return Stats(ops.convs, ops.bns, params, float(ops.macs))
 
 
 def _sync(device):
