@@ -227,6 +227,21 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
     return f"the 1×1 second conv pads its input ({b.padding}): the border is not a conv of x"
 
 
+def macs(spec: ConvSpec) -> int:
+    """Multiply-accumulates per output position."""
+    return spec.out_channels * spec.weight[0].numel()
+
+
+def costlier(merged: ConvSpec, parts: list[tuple[ConvSpec, int]]) -> Reason | None:
+    """Why `merged` is not worth it: it costs more MACs per output position than `parts`,
+    (spec, how many of its outputs one merged output needs) run one after another."""
+    before = sum(macs(s) * n for s, n in parts)
+    if macs(merged) > before:
+        return (f"exact, but the merged conv would cost {macs(merged):,} MACs per output "
+                f"position instead of {before:,}")
+    return None
+
+
 def _diagonal(spec: ConvSpec) -> bool:
     """A per-channel scale (and bias): pointwise, one channel per group."""
     return spec.pointwise() and spec.groups == spec.in_channels == spec.out_channels \
@@ -272,16 +287,17 @@ def _align(specs: list[ConvSpec]) -> tuple[list[tuple[slice, ...]], tuple, tuple
     return [tuple(s) for s in slices], tuple(size), tuple(pad), tuple(dil)
 
 
-def _placed(specs: list[ConvSpec]) -> tuple[list[Tensor], tuple, tuple] | Reason:
-    """Each spec's dense weight placed in the common kernel, plus (padding, dilation)."""
+def _placed(specs: list[ConvSpec], grouped_ok: bool) -> tuple[list[Tensor], tuple, tuple] | Reason:
+    """Each spec's weight placed in the common kernel, plus (padding, dilation). The weights
+    stay grouped where `grouped_ok` and all share one groups count, else they are made dense."""
     aligned = _align(specs)
     if isinstance(aligned, str):
         return aligned
     slices, size, pad, dil = aligned
-    same_groups = len({s.groups for s in specs}) == 1  # then no need for the dense form
+    keep = grouped_ok and len({s.groups for s in specs}) == 1
     out = []
     for s, sl in zip(specs, slices):
-        w = s.weight if same_groups else dense(s)
+        w = s.weight if keep else dense(s)
         big = w.new_zeros(*w.shape[:2], *size)
         big[(slice(None), slice(None), *sl)] = w
         out.append(big)
@@ -294,7 +310,7 @@ def add(specs: list[ConvSpec]) -> ConvSpec | Reason:
     Zero padding then a bias added after the conv is exact whatever the padding, so biases sum."""
     if len({s.in_channels for s in specs}) > 1 or len({s.out_channels for s in specs}) > 1:
         return f"branch channels differ {sorted({(s.in_channels, s.out_channels) for s in specs})}"
-    placed = _placed(specs)
+    placed = _placed(specs, grouped_ok=True)
     if isinstance(placed, str):
         return placed
     weights, pad, dil = placed
@@ -308,7 +324,8 @@ def concat(specs: list[ConvSpec]) -> ConvSpec | Reason:
     """The single conv equal to the channel concatenation of `specs` on one input."""
     if len({s.in_channels for s in specs}) > 1:
         return "branches read different channel counts"
-    placed = _placed(specs)
+    # group j of each branch reads the same inputs, but the outputs land apart: dense
+    placed = _placed(specs, grouped_ok=False)
     if isinstance(placed, str):
         return placed
     weights, pad, dil = placed

@@ -152,8 +152,14 @@ class Graph:
             return node.meta.get("reparam_conv", isinstance(self.module(node), CONV_MODULES))
         return is_op(node, CONV_FNS) or is_op(node, LINEAR_FNS)
 
-    def single_use(self, node: fx.Node, user: fx.Node) -> bool:
-        return list(node.users) == [user]
+    def readers(self, node: fx.Node, same_shape=False) -> list[fx.Node]:
+        """The users that read `node`'s value. The others only ask its rank, dtype or device (and
+        shape, where `same_shape` says the rewrite keeps it): `apply` moves those to the result."""
+        return [u for u in node.users if not _reads_meta(u, node, same_shape)]
+
+    def single_use(self, node: fx.Node, user: fx.Node | None = None, *, same_shape=False) -> bool:
+        readers = self.readers(node, same_shape)
+        return len(readers) == 1 and (user is None or readers[0] is user)
 
     def shared(self, node: fx.Node) -> Reason | None:
         if node.op == "call_module" and self.calls[node.target] > 1:
@@ -328,36 +334,57 @@ class Graph:
     def apply(self, rw: Rewrite) -> fx.Node:
         graph = self.gm.graph
         out = rw.output
-        with graph.inserting_before(out):
-            vals = []
-            for term, coef in rw.terms:
-                if isinstance(term, NewConv):
-                    term = self._add_conv(term)
-                elif isinstance(term, Constant):
+        vals, made = [], {}  # made: replaced node -> the new conv standing for it
+        for term, coef in rw.terms:
+            if isinstance(term, NewConv):
+                # right after its input, so it precedes every user of the nodes it replaces
+                with graph.inserting_after(self._after(term.input)):
+                    node = self._add_conv(term)
+                made.update((r, node) for r in term.replaces)
+                term = node
+            elif isinstance(term, Constant):
+                with graph.inserting_before(out):
                     term = self._add_const(term.value)
-                vals.append((term, coef))
-            if rw.cat_dim is not None:
-                result = graph.call_function(torch.cat, ([v for v, _ in vals],), {"dim": rw.cat_dim})
-            else:
-                result = None
-                for v, c in vals:
-                    if c not in (1.0, -1.0):
-                        v, c = graph.call_function(operator.mul, (v, c)), 1.0
-                    if result is None:
-                        result = v if c == 1.0 else graph.call_function(operator.neg, (v,))
-                    else:
-                        result = graph.call_function(operator.add if c == 1.0 else operator.sub,
-                                                     (result, v))
+            vals.append((term, coef))
+        with graph.inserting_before(out):
+            result = self._combine(vals, rw.cat_dim)
         for key in ("tensor_meta", "val"):
             if key in out.meta and key not in result.meta:
                 result.meta[key] = out.meta[key]
         out.replace_all_uses_with(result)
         order = {n: i for i, n in enumerate(graph.nodes)}
         for n in sorted(set(rw.erase), key=lambda n: -order.get(n, -1)):
-            if n.graph is graph and not n.users and n is not result:
+            if n.graph is not graph or n is result:
+                continue
+            for u in list(n.users):  # the rule vouched that these only read metadata
+                to = made.get(n, result)
+                if _reads_meta(u, n, True) and order[to] < order[u]:
+                    u.replace_input_with(n, to)
+            if not n.users:
                 if n.op == "call_module":
                     self.calls[n.target] -= 1
                 graph.erase_node(n)
+        return result
+
+    def _after(self, node: fx.Node) -> fx.Node:
+        """Where a node reading `node` can go: after it, and after all placeholders."""
+        if node.op != "placeholder":
+            return node
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"][-1]
+
+    def _combine(self, vals, cat_dim) -> fx.Node:
+        """Σ coef·term as add/sub/mul nodes, or their concatenation along `cat_dim`."""
+        graph = self.gm.graph
+        if cat_dim is not None:
+            return graph.call_function(torch.cat, ([v for v, _ in vals],), {"dim": cat_dim})
+        result = None
+        for v, c in vals:
+            if c not in (1.0, -1.0):
+                v, c = graph.call_function(operator.mul, (v, c)), 1.0
+            if result is None:
+                result = v if c == 1.0 else graph.call_function(operator.neg, (v,))
+            else:
+                result = graph.call_function(operator.add if c == 1.0 else operator.sub, (result, v))
         return result
 
     def _add_conv(self, new: NewConv) -> fx.Node:
@@ -427,6 +454,20 @@ class Graph:
             self.gm.add_submodule(name, make_module(*self._pending[name]))
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
+
+
+_RANK_META = {"ndim", "dtype", "device", "is_cuda", "dim", "ndimension"}
+_SHAPE_META = {"shape", "size"}
+
+
+def _reads_meta(user: fx.Node, node: fx.Node, shape_too: bool) -> bool:
+    """`user` reads only `node`'s rank/dtype/device (or shape), never its values."""
+    names = _RANK_META | (_SHAPE_META if shape_too else set())
+    if user.op == "call_function" and user.target is getattr and user.args[0] is node:
+        return user.args[1] in names
+    if user.op == "call_method" and user.target in names and user.args[0] is node:
+        return node not in user.args[1:] and node not in user.kwargs.values()
+    return False
 
 
 def _affine(c, shift):

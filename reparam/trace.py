@@ -55,14 +55,14 @@ def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
 
 
 def trace(model: nn.Module, example_inputs=None) -> tuple[fx.GraphModule | None, list[str]]:
-    """(graph module, []) or (None, the front ends' error messages)."""
+    """(graph module in eval mode, []) or (None, the front ends' error messages)."""
     errors = []
     try:
-        return symbolic(model), []
+        return symbolic(model).eval(), []
     except Exception as e:  # any tracer failure means: try the next front end
         errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
     if example_inputs is not None:
-        try:
+        try:  # an exported module is traced in eval mode and refuses .train()/.eval()
             return exported(model, example_inputs), []
         except Exception as e:
             errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")

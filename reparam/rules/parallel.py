@@ -7,9 +7,13 @@ tensor are merged by `algebra.add`, the other terms are kept.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from torch import fx
 
 from .. import algebra
+from ..algebra import ConvSpec
 from ..ops import ADD, CAT, INPLACE, SUB, Graph, NewConv, Refusal, Rewrite, arg, is_op
 from .common import as_conv, common_rank, linear
 
@@ -31,65 +35,106 @@ def _terms(g: Graph, node: fx.Node, coef: float, out: list, tree: list):
     tree.append(node)
     for i, a in enumerate(node.args):
         c = -coef if i == 1 and is_op(node, SUB) else coef
-        if _is_sum(g, a) and g.single_use(a, node) and node.args.count(a) == 1:
+        if _is_sum(g, a) and g.single_use(a, node, same_shape=True) and node.args.count(a) == 1:
             _terms(g, a, c, out, tree)
         else:
             out.append((a, c))
 
 
-def _branches(g: Graph, terms):
-    """Group terms by the tensor they read: {source: [(spec or None for identity, coef, node)]}."""
-    groups: dict[fx.Node, list] = {}
+@dataclass
+class Branch:
+    spec: object            # a linear spec of `source`, or None: the identity
+    coef: float
+    nodes: list[fx.Node]    # the ops it replaces, the term first
+    parts: list | None = None  # (ConvSpec, runs per output) of those ops, where walked back
+
+
+def _walk(g: Graph, t: fx.Node, spec, x: fx.Node) -> tuple[Branch, fx.Node]:
+    """Extend a branch back through single-use linear ops while composing them is exact.
+
+    merge_sequential refuses a pair that costs more merged (a depthwise k×k then a 1×1); as a
+    branch of a sum that merges into a k×k conv anyway, the pair may well pay off: merge_sum
+    then compares the merged conv with all the ops it replaces."""
+    branch = Branch(spec, 1.0, [t])
+    while True:
+        prev, last = x, branch.nodes[-1]
+        lin = linear(g, prev)
+        if not isinstance(lin, tuple) or g.shared(prev) or not g.single_use(prev, last):
+            return branch, x
+        p_spec, p_x = lin
+        nd = common_rank([p_spec, branch.spec], g.ndim(prev))
+        mid = algebra.channels(p_spec)[1] or algebra.channels(branch.spec)[0]
+        if isinstance(nd, str) or mid is None:
+            return branch, x
+        cp, cs = as_conv(p_spec, mid, nd), as_conv(branch.spec, mid, nd)
+        composed = algebra.compose(cp, cs) if isinstance(cp, ConvSpec) and isinstance(cs, ConvSpec) else "-"
+        if isinstance(composed, str):
+            return branch, x
+        branch.parts = [(cp, math.prod(cs.stride))] + (branch.parts or [(cs, 1)])
+        branch.spec = composed
+        branch.nodes.append(prev)
+        x = p_x
+
+
+def _branches(g: Graph, terms) -> dict[fx.Node, list[Branch]]:
+    """Group terms by the tensor they read."""
+    groups: dict[fx.Node, list[Branch]] = {}
     for t, c in terms:
         lin = linear(g, t)
-        if isinstance(lin, tuple) and len(t.users) == 1 and not g.shared(t):
-            spec, x = lin
-            groups.setdefault(x, []).append((spec, c, t))
+        if isinstance(lin, tuple) and g.single_use(t, same_shape=True) and not g.shared(t):
+            branch, x = _walk(g, t, *lin)
         else:
-            groups.setdefault(t, []).append((None, c, t))
+            branch, x = Branch(None, 1.0, [t]), t
+        branch.coef = c
+        groups.setdefault(x, []).append(branch)
     return groups
 
 
-def _merge(g: Graph, source: fx.Node, branches, rule: str, node: fx.Node, cat: bool):
+def _merge(g: Graph, source: fx.Node, branches: list[Branch], rule: str, node: fx.Node, cat: bool):
     """The ConvSpec of the branches of one source, or a Refusal."""
-    specs = [s for s, _, _ in branches if s is not None]
+    specs = [b.spec for b in branches if b.spec is not None]
     nd = common_rank(specs, g.ndim(source))
     if isinstance(nd, str):
         return Refusal(rule, node, nd)
     cins = {algebra.channels(s)[0] for s in specs} - {None}
     chans = cins.pop() if len(cins) == 1 else None
-    convs = []
-    for spec, c, _ in branches:
-        conv = algebra.identity(chans, nd) if spec is None and chans else as_conv(spec, chans, nd) \
-            if spec is not None else "channel count unknown"
+    convs, parts = [], []
+    for b in branches:
+        if b.spec is None:
+            conv = algebra.identity(chans, nd) if chans else "channel count unknown"
+        else:
+            conv = as_conv(b.spec, chans, nd)
         if isinstance(conv, str):
             return Refusal(rule, node, conv)
-        convs.append(algebra.scaled(conv, c) if c != 1.0 else conv)
+        convs.append(algebra.scaled(conv, b.coef) if b.coef != 1.0 else conv)
+        parts += b.parts or [(conv, 1)]
     merged = algebra.concat(convs) if cat else algebra.add(convs)
     if isinstance(merged, str):
         return Refusal(rule, node, merged)
+    if reason := algebra.costlier(merged, parts):
+        return Refusal(rule, node, reason)
     return merged
 
 
 def merge_sum(node: fx.Node, g: Graph):
     if not _is_sum(g, node):
         return None
-    users = list(node.users)
+    users = g.readers(node, same_shape=True)
     if len(users) == 1 and _is_sum(g, users[0]) and users[0].args.count(node) == 1:
         return None  # not the root of its add-tree
     terms, tree = [], []
     _terms(g, node, 1.0, terms, tree)
     result, erase, merged_any, refusal = [], list(tree), False, None
     for source, branches in _branches(g, terms).items():
-        if len(branches) < 2 or all(s is None for s, _, _ in branches):
-            result += [(t, c) for _, c, t in branches]
+        if len(branches) < 2 or all(b.spec is None for b in branches):
+            result += [(b.nodes[0], b.coef) for b in branches]
             continue
         spec = _merge(g, source, branches, "merge_sum", node, cat=False)
         if isinstance(spec, Refusal):
             refusal = refusal or spec
-            result += [(t, c) for _, c, t in branches]
+            result += [(b.nodes[0], b.coef) for b in branches]
             continue
-        replaced = [t for s, _, t in branches if s is not None]
+        replaced = [n for b in branches if b.spec is not None for n in b.nodes]
         result.append((NewConv(spec, source, replaced + tree), 1.0))
         erase += replaced
         merged_any = True
@@ -108,30 +153,30 @@ def merge_concat(node: fx.Node, g: Graph):
     runs = []
     for t in items:
         lin = linear(g, t)
-        if isinstance(lin, tuple) and len(t.users) == 1 and not g.shared(t) and items.count(t) == 1:
+        if isinstance(lin, tuple) and g.single_use(t) and not g.shared(t) and items.count(t) == 1:
             src, spec = lin[1], lin[0]
         else:
             src, spec = t, None
         if runs and runs[-1][0] is src:
-            runs[-1][1].append((spec, 1.0, t))
+            runs[-1][1].append(Branch(spec, 1.0, [t]))
         else:
-            runs.append((src, [(spec, 1.0, t)]))
+            runs.append((src, [Branch(spec, 1.0, [t])]))
     result, erase, merged_any, refusal = [], [node], False, None
     for src, branches in runs:
-        specs = [s for s, _, _ in branches if s is not None]
+        specs = [b.spec for b in branches if b.spec is not None]
         nd = common_rank(specs, g.ndim(src)) if specs else None
         ok_dim = isinstance(nd, int) and (dim in (1, -(nd + 1)) if nd > 0 else dim == -1)
         if len(branches) < 2 or not specs or not ok_dim:
             if specs and len(branches) > 1 and not ok_dim and isinstance(nd, int):
                 refusal = refusal or Refusal("merge_concat", node, f"concatenation along dim {dim}, not channels")
-            result += [(t, 1.0) for _, _, t in branches]
+            result += [(b.nodes[0], 1.0) for b in branches]
             continue
         spec = _merge(g, src, branches, "merge_concat", node, cat=True)
         if isinstance(spec, Refusal):
             refusal = refusal or spec
-            result += [(t, 1.0) for _, _, t in branches]
+            result += [(b.nodes[0], 1.0) for b in branches]
             continue
-        replaced = [t for s, _, t in branches if s is not None]
+        replaced = [b.nodes[0] for b in branches if b.spec is not None]
         result.append((NewConv(spec, src, replaced + [node]), 1.0))
         erase += replaced
         merged_any = True

@@ -1,9 +1,12 @@
 """b(a(x)) with nothing between: one conv where `algebra.compose` says it is exact."""
 from __future__ import annotations
 
+import math
+
 from torch import fx
 
 from .. import algebra
+from ..algebra import Affine
 from ..ops import ADD, CAT, SUB, Graph, NewConv, Refusal, Rewrite, is_op
 from .common import as_conv, common_rank, linear
 
@@ -26,8 +29,9 @@ def merge_sequential(node: fx.Node, g: Graph):
     if isinstance(first, str):
         return Refusal(NAME, a_node, first)
     a, x = first
-    if not g.single_use(a_node, node):
-        return Refusal(NAME, a_node, f"its output is also used by {len(a_node.users) - 1} other op(s)")
+    if not g.single_use(a_node, node, same_shape=isinstance(b, Affine)):
+        others = [u.name for u in a_node.users if u is not node]
+        return Refusal(NAME, a_node, f"its output is also used by {', '.join(others)}")
     if not (g.holds_conv(a_node) or g.holds_conv(node)) and \
             not all(is_op(u, ADD) or is_op(u, SUB) or is_op(u, CAT) for u in node.users):
         # two BN/pool/scale ops would become a conv: only worth it as a branch to merge
@@ -43,5 +47,7 @@ def merge_sequential(node: fx.Node, g: Graph):
     spec = algebra.compose(ca, cb)
     if isinstance(spec, str):
         return Refusal(NAME, node, spec)
+    if reason := algebra.costlier(spec, [(ca, math.prod(cb.stride)), (cb, 1)]):
+        return Refusal(NAME, node, reason)
     return Rewrite(NAME, node, [(NewConv(spec, x, [a_node, node]), 1.0)], [node, a_node],
                    f"{g.path(a_node) or a_node.name} → {g.path(node) or node.name}")

@@ -1,0 +1,127 @@
+"""Deploy files for a (fused) model: ONNX, TorchScript and `torch.export` programs (.pt2).
+
+    deploy = reparam.fuse(model, (x,))
+    path = to_onnx(deploy, (x,), "model.onnx")
+    print(check_onnx(path, model.eval(), (x,)))     # max relative error of onnxruntime vs PyTorch
+
+Each writer exports `model` as it is (call `reparam.fuse` first for the deploy form), writes
+a temporary file beside `path` and moves it into place with `os.replace`, so a failed export
+never leaves half a file, and refuses to replace an existing file unless `overwrite=True`.
+ONNX goes through torch's `torch.export`-based exporter (`dynamo=True`, which needs
+`onnxscript`); `check_onnx` needs `onnxruntime`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .testing import rel_error
+
+
+def _inputs(example_inputs) -> tuple:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _require_eval(model: nn.Module, fmt: str):
+    if model.training:
+        # a training-mode export records batch statistics and dropout: not the deploy function
+        raise ValueError(f"{fmt} export of a model in training mode; call model.eval() "
+                         "(reparam.fuse returns an eval-mode model)")
+
+
+def _write_atomic(path, overwrite: bool, write: Callable[[str], None]) -> Path:
+    """Run `write(tmp)` on a temporary file beside `path`, then move it to `path`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def to_onnx(model: nn.Module, example_inputs, path, *, opset: int | None = None,
+            overwrite: bool = False) -> Path:
+    """Write `model` as an ONNX file (weights inside it) for inputs shaped like `example_inputs`.
+
+    example_inputs: a tensor or a tuple of the forward's arguments, e.g. (1, 3, H, W); the
+    file has fixed shapes. opset: ONNX opset (None: the exporter's default)."""
+    _require_eval(model, "ONNX")
+    inputs = _inputs(example_inputs)
+
+    def write(tmp: str):
+        with torch.no_grad():
+            program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset, verbose=False)
+        program.save(tmp, external_data=False)
+
+    return _write_atomic(path, overwrite, write)
+
+
+def to_torchscript(model: nn.Module, example_inputs, path, *, overwrite: bool = False) -> Path:
+    """Write `torch.jit.script(model)` (a fused model is a GraphModule: no control flow to lose);
+    models that do not script are traced on `example_inputs`. Load with `torch.jit.load`."""
+    _require_eval(model, "TorchScript")
+    inputs = _inputs(example_inputs)
+
+    def write(tmp: str):
+        try:
+            scripted = torch.jit.script(model)
+        except Exception:  # scripting rejects some Python; tracing records what the inputs run
+            with torch.no_grad():
+                scripted = torch.jit.trace(model, inputs)
+        torch.jit.save(scripted, tmp)
+
+    return _write_atomic(path, overwrite, write)
+
+
+def to_pt2(model: nn.Module, example_inputs, path, *, overwrite: bool = False) -> Path:
+    """Write `torch.export.export(model, example_inputs)` with `torch.export.save`.
+    Load with `torch.export.load(path).module()`."""
+    _require_eval(model, "torch.export")
+    inputs = _inputs(example_inputs)
+
+    def write(tmp: str):
+        with torch.no_grad():
+            program = torch.export.export(model, inputs)
+        torch.export.save(program, tmp)
+
+    return _write_atomic(path, overwrite, write)
+
+
+def _session(path):
+    import onnxruntime as ort
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path, example_inputs) -> list[torch.Tensor]:
+    """The outputs of the ONNX file at `path` on `example_inputs`, run with onnxruntime on CPU."""
+    session = _session(path)
+    names = [i.name for i in session.get_inputs()]
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, _inputs(example_inputs))}
+    return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+
+@torch.no_grad()
+def check_onnx(path, model: nn.Module, example_inputs) -> float:
+    """Max relative error (`reparam.testing.rel_error`) of onnxruntime's outputs against
+    `model`'s on `example_inputs`. Pass the original eval-mode model to check fuse and export at once."""
+    expected = model(*_inputs(example_inputs))
+    return rel_error(expected, run_onnx(path, example_inputs))
+
+
+def onnx_op_counts(path) -> Counter:
+    """How many nodes of each op type the ONNX file's main graph has, e.g. {'Conv': 50, 'Relu': 47}."""
+    import onnx
+    return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
