@@ -232,11 +232,11 @@ def macs(spec: ConvSpec) -> int:
     return spec.out_channels * spec.weight[0].numel()
 
 
-def costlier(merged: ConvSpec, parts: list[tuple[ConvSpec, int]]) -> Reason | None:
-    """Why `merged` is not worth it: it costs more MACs per output position than `parts`,
-    (spec, how many of its outputs one merged output needs) run one after another."""
+def costlier(merged: ConvSpec, parts: list[tuple[ConvSpec, int]], ratio: float = 1.0) -> Reason | None:
+    """Why `merged` is not worth it: it costs more than `ratio` times the MACs per output
+    position of `parts` ((spec, how many of its outputs one merged output needs) run in turn)."""
     before = sum(macs(s) * n for s, n in parts)
-    if macs(merged) > before:
+    if macs(merged) > ratio * before:
         return (f"exact, but the merged conv would cost {macs(merged):,} MACs per output "
                 f"position instead of {before:,}")
     return None

@@ -24,9 +24,9 @@ class Outcome:
     passes: int = 0
 
 
-def run(gm: fx.GraphModule, rules=RULES, max_passes: int = 100) -> Outcome:
+def run(gm: fx.GraphModule, rules=RULES, max_passes: int = 100, max_macs_ratio: float = 1.0) -> Outcome:
     """Rewrite `gm` in place. Refusals are those of the final pass: the places left alone."""
-    g = Graph(gm)
+    g = Graph(gm, max_macs_ratio)
     out = Outcome()
     for out.passes in range(1, max_passes + 1):
         changed, refused = False, {}

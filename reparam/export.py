@@ -36,12 +36,13 @@ def _require_eval(model: nn.Module, fmt: str):
 
 
 def _write_atomic(path, overwrite: bool, write: Callable[[str], None]) -> Path:
-    """Run `write(tmp)` on a temporary file beside `path`, then move it to `path`."""
+    """Run `write(tmp)` on a temporary file beside `path` (same suffix: torch.export checks it),
+    then move it to `path`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         write(tmp)
@@ -70,18 +71,15 @@ def to_onnx(model: nn.Module, example_inputs, path, *, opset: int | None = None,
 
 
 def to_torchscript(model: nn.Module, example_inputs, path, *, overwrite: bool = False) -> Path:
-    """Write `torch.jit.script(model)` (a fused model is a GraphModule: no control flow to lose);
-    models that do not script are traced on `example_inputs`. Load with `torch.jit.load`."""
+    """Write `torch.jit.trace(model, example_inputs)`. A fused model is a straight-line
+    GraphModule, so tracing loses no control flow (and `torch.jit.script` rejects the type
+    annotations fx writes into its code). Load with `torch.jit.load`."""
     _require_eval(model, "TorchScript")
     inputs = _inputs(example_inputs)
 
     def write(tmp: str):
-        try:
-            scripted = torch.jit.script(model)
-        except Exception:  # scripting rejects some Python; tracing records what the inputs run
-            with torch.no_grad():
-                scripted = torch.jit.trace(model, inputs)
-        torch.jit.save(scripted, tmp)
+        with torch.no_grad():
+            torch.jit.save(torch.jit.trace(model, inputs), tmp)
 
     return _write_atomic(path, overwrite, write)
 

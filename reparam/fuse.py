@@ -26,8 +26,8 @@ def _check(model, example_inputs):
     return tuple(example_inputs)
 
 
-def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = False
-                     ) -> tuple[nn.Module, Report]:
+def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = False,
+                     max_macs_ratio: float = 1.0) -> tuple[nn.Module, Report]:
     """Fuse `model` (see `fuse`) and say what was done, what was left alone and why."""
     inputs = _check(model, example_inputs)
     report = Report()
@@ -43,30 +43,34 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = F
             raise ValueError(f"reparam: the model fails on the example inputs "
                              f"{[tuple(getattr(t, 'shape', ())) for t in inputs]}: {e}") from e
         expected = work(*inputs) if inputs is not None else None
-        fused = _fuse(work, inputs, "", report)
+        fused = _fuse(work, inputs, "", report, max_macs_ratio)
         report.after = count(fused, inputs)
         if inputs is not None:
             report.max_rel_error = rel_error(expected, fused(*inputs))
     return fused, report
 
 
-def fuse(model: nn.Module, example_inputs=None, *, inplace: bool = False) -> nn.Module:
+def fuse(model: nn.Module, example_inputs=None, *, inplace: bool = False,
+         max_macs_ratio: float = 1.0) -> nn.Module:
     """An eval-mode module computing `model`'s eval-mode function with as few convs as is exact.
 
     model: any nn.Module; it is not modified unless `inplace=True`.
     example_inputs: optional tuple of forward arguments; they let `torch.export` trace models
     that `torch.fx.symbolic_trace` cannot, and give shapes to rules that need them.
+    max_macs_ratio: a merge may cost at most this times the multiply-accumulates of the ops it
+    replaces (1.0: never slower in MACs, so a depthwise k×k then a 1×1, or a bottleneck of
+    1×1s, stay as they are; float('inf'): as few convolutions as is exact, whatever they cost).
     Returns a torch.fx.GraphModule, or, where the whole model cannot be traced, a copy whose
     traceable submodules are fused."""
-    return fuse_with_report(model, example_inputs, inplace=inplace)[0]
+    return fuse_with_report(model, example_inputs, inplace=inplace, max_macs_ratio=max_macs_ratio)[0]
 
 
-def explain(model: nn.Module, example_inputs=None) -> Report:
+def explain(model: nn.Module, example_inputs=None, *, max_macs_ratio: float = 1.0) -> Report:
     """The report of `fuse_with_report` (with example inputs: the max relative error too)."""
-    return fuse_with_report(model, example_inputs)[1]
+    return fuse_with_report(model, example_inputs, max_macs_ratio=max_macs_ratio)[1]
 
 
-def _fuse(module: nn.Module, inputs, path: str, report: Report) -> nn.Module:
+def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float) -> nn.Module:
     gm, errors = trace.trace(module, inputs)
     if gm is None:
         children = list(module.named_children())
@@ -74,14 +78,14 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report) -> nn.Module:
         child_inputs = _capture_inputs(module, inputs) if inputs is not None else {}
         for name, child in children:
             sub = f"{path}.{name}" if path else name
-            setattr(module, name, _fuse(child, child_inputs.get(name), sub, report))
+            setattr(module, name, _fuse(child, child_inputs.get(name), sub, report, ratio))
         return module
     if inputs is not None and not any("val" in n.meta for n in gm.graph.nodes):
         try:
             ShapeProp(gm).propagate(*inputs)
         except Exception as e:  # shapes only sharpen a few checks; rules refuse without them
             report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
-    outcome = engine.run(gm)
+    outcome = engine.run(gm, max_macs_ratio=ratio)
     prefix = f"{path}." if path else ""
     report.rewrites += [Rewrite(a.rule, prefix + a.path, a.detail, a.shape) for a in outcome.applied]
     report.skipped += [Skip(r.rule, prefix + (_node_path(gm, r.node)), r.reason) for r in outcome.refused]

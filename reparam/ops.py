@@ -97,6 +97,7 @@ class Refusal:
 @dataclass
 class Graph:
     gm: fx.GraphModule
+    max_macs_ratio: float = 1.0  # a merge may cost at most this times the MACs it replaces
     modules: dict[str, nn.Module] = field(init=False)
     calls: Counter = field(init=False)
     const_count: int = 0

@@ -111,7 +111,7 @@ def _merge(g: Graph, source: fx.Node, branches: list[Branch], rule: str, node: f
     merged = algebra.concat(convs) if cat else algebra.add(convs)
     if isinstance(merged, str):
         return Refusal(rule, node, merged)
-    if reason := algebra.costlier(merged, parts):
+    if reason := algebra.costlier(merged, parts, g.max_macs_ratio):
         return Refusal(rule, node, reason)
     return merged
 
