@@ -28,11 +28,11 @@ class Comparison:
 
 
 def compare(model: nn.Module, example_inputs: tuple, *, warmup: int = 3, repeats: int = 10,
-            min_time: float = 0.0) -> Comparison:
+            min_time: float = 0.0, max_macs_ratio: float = 1.0) -> Comparison:
     """Fuse `model` and time both forms on `example_inputs` (medians, warm-up first)."""
     original = copy.deepcopy(model).eval()
     t0 = time.perf_counter()
-    fused, report = fuse_with_report(model, example_inputs)
+    fused, report = fuse_with_report(model, example_inputs, max_macs_ratio=max_macs_ratio)
     seconds = time.perf_counter() - t0
     with torch.inference_mode():
         before = latency(original, example_inputs, warmup=warmup, repeats=repeats, min_time=min_time)

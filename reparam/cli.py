@@ -36,7 +36,7 @@ def report(args) -> int:
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     model = load_factory(args.factory)().to(device=device, dtype=dtype).eval()
     x = torch.randn(args.input_shape, device=device, dtype=dtype)
-    cmp = compare(model, (x,), warmup=args.warmup, repeats=args.repeats)
+    cmp = compare(model, (x,), warmup=args.warmup, repeats=args.repeats, max_macs_ratio=args.max_macs_ratio)
     rep = cmp.report
     print(f"model: {args.factory}  input: {tuple(x.shape)} {args.dtype} on {device}\n")
     print(cmp.table())
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     r.add_argument("--warmup", type=int, default=3)
     r.add_argument("--rtol", type=float, default=None, help="limit on the max relative error")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-macs-ratio", type=float, default=1.0,
+                   help="allow merges costing up to this times the MACs they replace (inf: all exact merges)")
     r.add_argument("-v", "--verbose", action="store_true", help="list every rewrite")
     r.set_defaults(func=report)
     args = p.parse_args(argv)

@@ -13,7 +13,6 @@ ONNX goes through torch's `torch.export`-based exporter (`dynamo=True`, which ne
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -42,8 +41,7 @@ def _write_atomic(path, overwrite: bool, write: Callable[[str], None]) -> Path:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}"))
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -1,0 +1,227 @@
+"""`gcnet eval`: mIoU with a per-class IoU table, whole-image inference at the dataset's
+evaluation size; `--deploy` scores the `reparam.fuse`d model instead.
+
+    model, info = load_for_inference("runs/gcnet-demo/last.pt", deploy_form=True)
+    result = evaluate(model, dataset_for(info["config"], "val"))
+    print(result.table())
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import reparam
+
+from .checkpoint import load as load_weights, read_state_dict, save_state_dict
+from .datasets import IGNORE_INDEX, VOC, CamVid, Cityscapes, voc_palette
+from .presets import TrainConfig, config_from_dict, dataset_for
+from .transforms import eval_transform
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    confusion: torch.Tensor  # (K, K) int64 pixel counts; rows: true class, columns: predicted
+    classes: tuple[str, ...]
+
+    @property
+    def iou(self) -> torch.Tensor:
+        """(K,) float64 IoU per class; NaN where a class is neither present nor predicted."""
+        c = self.confusion.double()
+        tp = c.diag()
+        union = c.sum(0) + c.sum(1) - tp
+        return torch.where(union > 0, tp / union.clamp(min=1), torch.nan)
+
+    @property
+    def miou(self) -> float:
+        return float(self.iou.nanmean())
+
+    @property
+    def accuracy(self) -> float:
+        c = self.confusion.double()
+        return float(c.diag().sum() / c.sum().clamp(min=1))
+
+    def table(self) -> str:
+        width = max(len("mean"), *(len(n) for n in self.classes))
+        lines = [f"{'class':<{width}}  IoU %"]
+        lines += [f"{name:<{width}}  {'  n/a' if np.isnan(v) else f'{100 * v:5.2f}'}"
+                  for name, v in zip(self.classes, self.iou.tolist())]
+        lines += [f"{'mean':<{width}}  {100 * self.miou:5.2f}", f"{'pixel acc':<{width}}  {100 * self.accuracy:5.2f}"]
+        return "\n".join(lines)
+
+
+def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """pred, label: int64 of the same shape → (K, K) counts; ignored pixels do not count."""
+    valid = label != ignore_index
+    index = label[valid] * num_classes + pred[valid]
+    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+@torch.no_grad()
+def segment(model: nn.Module, image: torch.Tensor, size) -> torch.Tensor:
+    """Class per pixel at `size` = (H, W): image (3, h, w) normalized → (H, W) int64.
+
+    The eval-mode model gives logits at its input size; a label of another size gets the
+    logits resized bilinearly, as mmseg does before its argmax."""
+    logits = model(image[None])
+    if tuple(logits.shape[2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits[0].argmax(0)
+
+
+class _EvalSamples(Dataset):
+    def __init__(self, dataset, indices, eval_size):
+        self.dataset, self.indices, self.eval_size = dataset, indices, eval_size
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return eval_transform(*self.dataset[self.indices[i]], eval_size=self.eval_size)
+
+
+def _single(batch):
+    return batch[0]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, *, eval_size=None, device="cpu", workers: int = 0,
+             progress: bool = False, rank: int = 0, world_size: int = 1) -> EvalResult:
+    """Confusion matrix of `model` over `dataset` (raw samples, see gcnet.datasets), one whole
+    image at a time, resized to fit `eval_size` = (long, short) when given.
+
+    With several processes, each scores the images rank, rank + world_size, ... and the
+    matrices are summed, so every image counts exactly once. The model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    num_classes = len(dataset.classes)
+    samples = _EvalSamples(dataset, range(rank, len(dataset), world_size), eval_size)
+    loader = DataLoader(samples, batch_size=1, num_workers=workers, collate_fn=_single)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for image, label in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
+        label = label.to(device)
+        confusion += confusion_matrix(segment(model, image.to(device), label.shape), label, num_classes)
+    if world_size > 1:
+        dist.all_reduce(confusion)
+    model.train(was_training)
+    return EvalResult(confusion.cpu(), tuple(dataset.classes))
+
+
+def deploy(model: nn.Module, example_size=(64, 64)) -> tuple[nn.Module, "reparam.Report"]:
+    """(`reparam.fuse`d eval-mode copy, fuse report). The example input lets the report state
+    the fused model's max relative error against the original."""
+    device = next(model.parameters()).device
+    example = torch.randn(1, 3, *example_size, device=device)
+    return reparam.fuse_with_report(model.eval(), (example,))
+
+
+DEPLOY_FORMAT = "gcnet deploy: training-form weights, fused on load"
+
+
+def _read_meta(path, trust_pickle: bool) -> dict:
+    """A weights file's metadata. Torch files are memory-mapped, so the tensors (a training
+    checkpoint's optimizer state among them) are not read just to find the class names."""
+    if Path(path).suffix == ".safetensors":
+        return read_state_dict(path)[1]
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+    except RuntimeError:  # not a zip-format file, which mmap needs
+        return read_state_dict(path, trust_pickle)[1]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing weights file: {path}") from None
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def load_for_inference(path, *, deploy_form: bool = False, device="cpu", variant: str | None = None,
+                       trust_pickle: bool = False) -> tuple[nn.Module, dict]:
+    """(eval-mode model, metadata) from a `gcnet train` checkpoint, a deploy file
+    (`save_deploy`), or any weights file `gcnet.checkpoint.load` reads (release checkpoints).
+
+    metadata: classes, palette ((K, 3) uint8), and the training config where the file has it.
+    deploy_form: fuse with `reparam.fuse`; deploy files are always fused.
+    variant: "s", "m" or "l" for files that do not record it (the release's)."""
+    meta = _read_meta(path, trust_pickle)
+    model = load_weights(path, variant=variant or meta.get("variant"), trust_pickle=trust_pickle)
+    num_classes = model.config.num_classes
+    # Files without class names (the release's): the benchmark with that many classes, if any.
+    known = {len(d.classes): d for d in (Cityscapes, CamVid, VOC)}.get(num_classes)
+    classes = json.loads(meta["classes"]) if "classes" in meta else \
+        known.classes if known else [f"class_{i}" for i in range(num_classes)]
+    palette = json.loads(meta["palette"]) if "palette" in meta else \
+        known.palette if known else voc_palette(num_classes)
+    info = {"classes": tuple(classes), "palette": np.array(palette, np.uint8),
+            "config": config_from_dict(json.loads(meta["train_config"])) if "train_config" in meta else None}
+    model.to(device).eval()
+    if deploy_form or meta.get("format") == DEPLOY_FORMAT:
+        model, _ = deploy(model)
+    return model, info
+
+
+def save_deploy(checkpoint, out, *, overwrite: bool = False) -> Path:
+    """A deploy file from a training checkpoint: the training-form weights and what inference
+    needs (classes, palette, config), without optimizer state. Loading it (`load_for_inference`)
+    re-fuses with `reparam.fuse`, so the file loads with weights_only=True, runs no pickled
+    code, and gives exactly the model `gcnet eval --deploy` scores."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    state_dict, meta = read_state_dict(checkpoint)
+    return save_state_dict(state_dict, out, {**meta, "format": DEPLOY_FORMAT})
+
+
+# --- command line -------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="mIoU of a checkpoint (or its fused deploy form)",
+                              description="Score a checkpoint on a dataset split: per-class IoU, mIoU, "
+                              "pixel accuracy. Dataset, split and eval size default to the training run's.")
+    p.add_argument("checkpoint", help="a gcnet train checkpoint, a deploy file or a converted weights file")
+    p.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
+    p.add_argument("--data-root", help="dataset root (default: the checkpoint's)")
+    p.add_argument("--split", help="split to score (default: the checkpoint's validation split)")
+    p.add_argument("--num-classes", type=int, help="folder datasets without classes.txt")
+    p.add_argument("--deploy", action="store_true", help="score the reparam.fuse'd model")
+    p.add_argument("--save-deploy", metavar="PATH", help="also write a deploy file for `gcnet predict`")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save-deploy file")
+    p.add_argument("--workers", type=int, default=2)
+    add_inference_flags(p)
+    p.set_defaults(func=main)
+
+
+def add_inference_flags(p) -> None:
+    """The flags `gcnet eval` and `gcnet predict` share."""
+    p.add_argument("--eval-size", type=int, nargs=2, metavar=("LONG", "SHORT"),
+                   help="resize images to fit LONG×SHORT keeping their aspect ratio (default: the recipe's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variant", choices=("s", "m", "l"), help="for release checkpoints, which do not record it")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load with weights_only=False (runs pickled code: only for files you trust)")
+
+
+def main(args) -> int:
+    if args.save_deploy:  # before the evaluation, so a name clash fails fast
+        print(f"wrote {save_deploy(args.checkpoint, args.save_deploy, overwrite=args.overwrite)}")
+    model, info = load_for_inference(args.checkpoint, deploy_form=args.deploy, device=args.device,
+                                     variant=args.variant, trust_pickle=args.trust_pickle)
+    config = info["config"] or TrainConfig(eval_size=None)
+    chosen = {"dataset": args.dataset, "data_root": args.data_root, "num_classes": args.num_classes,
+              "eval_size": tuple(args.eval_size) if args.eval_size else None}
+    config = replace(config, **{k: v for k, v in chosen.items() if v is not None})
+    split = args.split or config.val_split
+    dataset = dataset_for(config, split)
+    result = evaluate(model, dataset, eval_size=config.eval_size, device=args.device, workers=args.workers,
+                      progress=True)
+    form = "deploy (reparam.fuse)" if args.deploy else "training form"
+    print(f"{args.checkpoint}, {form}, {config.dataset} {split} ({len(dataset)} images)")
+    print(result.table())
+    return 0

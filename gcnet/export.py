@@ -1,0 +1,106 @@
+"""`gcnet export`: GCNet's deploy form (`reparam.fuse`) as ONNX, TorchScript or a `torch.export` program.
+
+    gcnet export --variant s --format onnx --out gcnet_s.onnx --size 1024 2048
+    gcnet export --checkpoint runs/gcnet-demo/last.pt --format pt2 --out demo.pt2 --size 128 128
+
+The exported file is read back (onnxruntime for ONNX) and compared with the training-form
+model in eval mode; the command fails if they differ by more than a relative error of 1e-4.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import reparam
+from reparam.export import check_onnx, to_onnx, to_pt2, to_torchscript
+from reparam.testing import rel_error
+
+from .checkpoint import load as load_weights
+from .evaluate import deploy
+from .model import FACTORIES
+
+FORMATS = {"onnx": to_onnx, "torchscript": to_torchscript, "pt2": to_pt2}
+RTOL = 1e-4  # float32 through another runtime: its kernels sum in another order
+
+
+@dataclass
+class Exported:
+    path: Path
+    format: str
+    report: reparam.Report   # the fuse: rewrites, before/after counts
+    rel_error: float         # the file's outputs against the training-form model's
+
+
+@torch.no_grad()
+def reload_error(path, fmt: str, model: nn.Module, example: torch.Tensor) -> float:
+    """Max relative error of the exported file at `path`, run by its runtime, against `model`."""
+    if fmt == "onnx":
+        return check_onnx(path, model, (example,))
+    loaded = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
+    return rel_error(model(example), loaded(example))
+
+
+def export(model: nn.Module, fmt: str, out, size=(1024, 2048), *, overwrite: bool = False) -> Exported:
+    """Fuse `model` (an eval-mode copy; `model` is not changed) and write it as `fmt` for
+    inputs (1, 3, *size); size: (H, W), multiples of 64 for exact pyramid sizes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format '{fmt}'; choose from {sorted(FORMATS)}")
+    if Path(out).exists() and not overwrite:  # before the fuse, not after it
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    model = model.eval()
+    fused, report = deploy(model)
+    example = torch.randn(1, model.config.in_channels, *size)
+    path = FORMATS[fmt](fused, (example,), out, overwrite=overwrite)
+    return Exported(path, fmt, report, reload_error(path, fmt, model, example))
+
+
+def _command(args) -> int:
+    if args.checkpoint:
+        model = load_weights(args.checkpoint, variant=args.variant, trust_pickle=args.trust_pickle)
+    else:
+        torch.manual_seed(args.seed)
+        model = FACTORIES[args.variant or "s"](num_classes=args.num_classes)
+    try:
+        result = export(model, args.format, args.out, tuple(args.size), overwrite=args.overwrite)
+    except FileExistsError as e:
+        print(f"gcnet export: {e}", file=sys.stderr)
+        return 1
+    after = result.report.after
+    print(f"wrote {result.path} ({args.format}, input 1×3×{args.size[0]}×{args.size[1]}; "
+          f"deploy form: {after.convs} convs, {after.bns} BNs, {after.params / 1e6:.2f} M params)")
+    ok = result.rel_error <= RTOL
+    print(f"{args.format} output vs PyTorch training form: max relative error {result.rel_error:.3g} "
+          f"({'ok' if ok else 'TOO LARGE'}, limit {RTOL:g})")
+    return 0 if ok else 1
+
+
+def _size(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value <= 0 or value % 64:
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of 64, got '{text}'")
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write the fused deploy model as ONNX, TorchScript or .pt2",
+                              description="Fuse GCNet with reparam.fuse and export it; the file is read "
+                              "back and checked against PyTorch (relative error <= 1e-4).")
+    p.add_argument("--variant", choices=sorted(FACTORIES),
+                   help="GCNet variant (default: the checkpoint's, else s)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="onnx")
+    p.add_argument("--out", required=True, help="output file (.onnx, .ts or .pt2)")
+    p.add_argument("--checkpoint", help="weights: a gcnet train checkpoint, deploy file or converted "
+                   "release file (default: random weights)")
+    p.add_argument("--size", type=_size, nargs=2, default=[1024, 2048], metavar=("H", "W"),
+                   help="input height and width, multiples of 64 (default 1024 2048)")
+    p.add_argument("--num-classes", type=int, default=19, help="classes without a checkpoint (default 19)")
+    p.add_argument("--seed", type=int, default=0, help="random weights' seed without a checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load with weights_only=False (runs pickled code: only for files you trust)")
+    p.set_defaults(func=_command)

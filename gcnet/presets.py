@@ -1,0 +1,162 @@
+"""Training recipes: one `TrainConfig` dataclass, presets that match GCNET.md, and overrides.
+
+Precedence: preset < config file (JSON or TOML, keys = field names) < command-line flags.
+
+    config = make_config("cityscapes", file="my.toml", overrides={"iters": 1000})
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .datasets import build_dataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run depends on; saved in every checkpoint."""
+    dataset: str = "demo"                     # a key of gcnet.datasets.DATASETS
+    data_root: str | None = None
+    train_splits: tuple[str, ...] = ("train",)
+    val_split: str = "val"
+    num_classes: int | None = None            # folder datasets without a classes.txt
+    variant: str = "s"                        # GCNet-S/M/L
+    n_paths: int = 2                          # Path3x3_1x1 per GCBlock
+    init_from: str | None = None              # checkpoint to start from (CamVid: Cityscapes weights)
+    crop_size: tuple[int, int] = (1024, 1024)  # (h, w)
+    base_size: tuple[int, int] | None = None  # (long, short) the random rescale multiplies; None: image size
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    eval_size: tuple[int, int] | None = None  # (long, short) keep-ratio resize for inference; None: as is
+    batch_size: int = 12                      # in total, over all processes
+    iters: int = 120_000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    ohem_thresh: float = 0.9
+    min_kept: int = 131_072                   # per image
+    aux_weight: float = 0.4
+    amp: bool = False
+    sync_bn: bool = False                     # with several processes: BN statistics over all of them
+    workers: int = 4                          # data-loading processes per training process
+    seed: int = 0
+    deterministic: bool = False               # torch.use_deterministic_algorithms (slower on GPU)
+    log_every: int = 50
+    val_every: int = 0                        # 0: validate once, at the end
+    ckpt_every: int = 1000
+    out_dir: str = "runs/gcnet"
+    stop_at: int | None = None                # pause after this iteration (checkpoint saved); --resume later
+    overwrite: bool = False                   # start afresh in an out_dir that holds a run
+    progress: bool = True                     # tqdm progress bar
+    device: str | None = None                 # None: cuda when available, else cpu
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "cityscapes": TrainConfig(dataset="cityscapes", crop_size=(1024, 1024), base_size=(2048, 1024),
+                              batch_size=12, iters=120_000, lr=0.01, out_dir="runs/gcnet-cityscapes"),
+    # CamVid: train+val for training, test for evaluation; the release starts from Cityscapes weights.
+    "camvid": TrainConfig(dataset="camvid", train_splits=("train", "val"), val_split="test",
+                          crop_size=(720, 960), base_size=(960, 720), batch_size=12, iters=7_800,
+                          lr=0.001, out_dir="runs/gcnet-camvid"),
+    "voc": TrainConfig(dataset="voc", crop_size=(512, 512), base_size=(2048, 512),
+                       eval_size=(2048, 512), batch_size=16, iters=24_400, lr=0.001,
+                       out_dir="runs/gcnet-voc"),
+    "folder": TrainConfig(dataset="folder", crop_size=(512, 512), batch_size=8, iters=20_000,
+                          lr=0.01, min_kept=32_768, out_dir="runs/gcnet-folder"),
+    # Small enough for a CPU: 128×128 pictures, min_kept scaled with the crop area (1/8 of it).
+    "demo": TrainConfig(dataset="demo", crop_size=(128, 128), batch_size=8, iters=300, lr=0.05,
+                        min_kept=2_048, workers=0, log_every=20, val_every=100, ckpt_every=100,
+                        out_dir="runs/gcnet-demo"),
+}
+
+
+def _hints() -> dict[str, typing.Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _base_type(hint):
+    """`X | None` → X."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def coerce(name: str, value):
+    """A config value from a file or the command line, converted to the field's type."""
+    hints = _hints()
+    if name not in hints:
+        raise KeyError(f"unknown config key '{name}'; known keys: {', '.join(sorted(hints))}")
+    if value is None:
+        return None
+    kind = _base_type(hints[name])
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        return tuple(item(v) for v in ([value] if isinstance(value, str) else value))
+    return kind(value)
+
+
+def read_config_file(path) -> dict:
+    """Overrides from a .json or .toml file whose keys are TrainConfig field names."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing config file: {path}")
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    return {k: coerce(k, v) for k, v in data.items()}
+
+
+def make_config(preset: str | TrainConfig = "demo", file=None, overrides: dict | None = None) -> TrainConfig:
+    """A preset (by name, or a whole config such as a checkpoint's) with a file's and then
+    explicit overrides applied."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}'; choose from {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    values = read_config_file(file) if file else {}
+    values.update({k: coerce(k, v) for k, v in (overrides or {}).items()})
+    return replace(preset, **values)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """The inverse of `TrainConfig.to_dict` (checkpoints store lists where tuples were)."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: coerce(k, v) for k, v in data.items() if k in known})
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per TrainConfig field. Unset flags stay out of the namespace, so they never
+    override a preset or config file."""
+    group = parser.add_argument_group("recipe overrides (default: the preset's value)")
+    for f in fields(TrainConfig):
+        kind = _base_type(_hints()[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        elif typing.get_origin(kind) is tuple:
+            args = typing.get_args(kind)
+            nargs = "+" if args[-1] is Ellipsis else len(args)
+            group.add_argument(flag, nargs=nargs, type=args[0], default=argparse.SUPPRESS, metavar=f.name.upper())
+        else:
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+
+
+def dataset_for(config: TrainConfig, splits) -> Dataset:
+    """The config's dataset for `splits` (a name or a list of names)."""
+    options = {"folder": {"num_classes": config.num_classes},
+               "demo": {"size": max(config.crop_size)}}.get(config.dataset, {})  # demo: drawn at crop size
+    return build_dataset(config.dataset, config.data_root, splits, **options)

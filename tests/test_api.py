@@ -1,0 +1,173 @@
+"""reparam.fuse as a user meets it: inputs left alone, eval function of train-mode models, clear
+errors, results that save/script/export, readable names, untraceable models, dtype and device."""
+import copy
+import io
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import reparam
+from reparam.testing import assert_equivalent
+
+from strategies import LOWP_TOL, Sum, randomize
+
+
+def conv_bn(cin, cout, k, stride=1):
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+                                     bn=nn.BatchNorm2d(cout)))
+
+
+def net(seed=0) -> nn.Module:
+    """stem (conv-BN) → features.block (RepVGG: 3×3 conv-BN + 1×1 conv-BN + BN) → ReLU → head conv."""
+    block = Sum([conv_bn(4, 4, 3), conv_bn(4, 4, 1), nn.BatchNorm2d(4)], [0, 1, 2], "plus")
+    model = nn.Sequential(OrderedDict(stem=conv_bn(3, 4, 3), features=nn.Sequential(OrderedDict(block=block)),
+                                      act=nn.ReLU(), head=nn.Conv2d(4, 2, 3)))
+    return randomize(model, seed)
+
+
+def x_(*shape, seed=1, dtype=torch.float32):
+    return torch.randn(shape or (2, 3, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {name: m.training for name, m in model.named_modules()}, repr(model))
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_fuse_leaves_the_input_model_alone(with_inputs):
+    model = net().train()
+    before = snapshot(model)
+    reparam.fuse(model, (x_(),) if with_inputs else None)
+    state, training, text = snapshot(model)
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(state[k], before[0][k]) for k in state)  # BN statistics included
+    assert training == before[1]
+    assert text == before[2]
+
+
+def test_inplace_fuses_without_copying_the_weights():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()  # nothing to merge
+    reference = copy.deepcopy(model)
+    copied = reparam.fuse(model)
+    fused = reparam.fuse(model, inplace=True)
+    ptrs = lambda m: {p.data_ptr() for p in m.parameters()}
+    assert ptrs(fused) == ptrs(model)
+    assert not ptrs(copied) & ptrs(model)
+    assert_equivalent(reference, fused, x_())
+
+
+def test_train_mode_model_fuses_its_eval_function_of_a_copy():
+    model = net().train()
+    x = x_()
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert model.training and not fused.training
+    assert_equivalent(copy.deepcopy(model).eval(), fused, x)
+    assert "training mode" in str(report)
+
+
+@pytest.mark.parametrize("args, error, says", [
+    (("not a model",), TypeError, "nn.Module"),
+    ((torch.randn(3),), TypeError, "nn.Module"),
+    ((net(), 5), TypeError, "example_inputs"),
+    ((net(), {"x": torch.randn(2, 3, 8, 8)}), TypeError, "example_inputs"),
+    ((net(), (torch.randn(2, 7, 8, 8),)), ValueError, "example inputs"),  # wrong channel count
+], ids=["str", "tensor", "int-inputs", "dict-inputs", "inputs-that-fail"])
+def test_bad_input_raises_a_clear_error(args, error, says):
+    with pytest.raises(error, match=says):
+        reparam.fuse(*args)
+
+
+def test_state_dict_round_trip():
+    x = x_()
+    fused = reparam.fuse(net(seed=0))
+    buffer = io.BytesIO()
+    torch.save(fused.state_dict(), buffer)
+    other = reparam.fuse(net(seed=7))  # same structure, other weights
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer))
+    with torch.no_grad():
+        assert torch.equal(other(x), fused(x))
+
+
+def test_torchscript_of_the_result():
+    model, x = net().eval(), x_()
+    scripted = torch.jit.script(reparam.fuse(model))
+    assert_equivalent(model, scripted, x)
+
+
+def test_torch_export_of_the_result():
+    model, x = net().eval(), x_()
+    exported = torch.export.export(reparam.fuse(model), (x,)).module()
+    assert_equivalent(model, exported, x)
+
+
+def test_names_keep_the_conv_or_name_the_common_module():
+    fused = reparam.fuse(net())
+    names = {name for name, m in fused.named_modules() if isinstance(m, nn.Conv2d)}
+    assert names == {"stem.conv", "features.block.reparam", "head"}
+
+
+class DataDependent(nn.Module):
+    """`if y.sum() > 0`: neither symbolic tracing nor torch.export can follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1, bias=False)  # odd in x: a(-x) = -a(x)
+        self.b = conv_bn(4, 4, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.sum() > 0:
+            return self.b(y)
+        return -self.b(y)
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_untraceable_module_is_fused_per_traceable_child(with_inputs):
+    model = randomize(nn.Sequential(OrderedDict(stem=conv_bn(3, 4, 3), body=DataDependent())), seed=0).eval()
+    x = x_()
+    fused, report = reparam.fuse_with_report(model, (x,) if with_inputs else None)
+    assert "body" in [u.path for u in report.untraced]
+    assert all(u.message for u in report.untraced)
+    assert reparam.count(fused, (x,)).bns == 0
+    for sign in (1, -1):  # both sides of the `if`
+        assert_equivalent(model, fused, sign * x)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
+                                         (torch.bfloat16, LOWP_TOL[torch.bfloat16])])
+def test_dtype_is_kept(dtype, rtol):
+    model = net().to(dtype).eval()
+    x = x_(dtype=dtype)
+    fused = reparam.fuse(model, (x,))
+    assert {p.dtype for p in fused.parameters()} == {dtype}
+    # bfloat16: against the float32 function of the same rounded weights
+    reference = copy.deepcopy(model).float() if dtype == torch.bfloat16 else model
+    with torch.no_grad():
+        out = fused(x)
+        assert out.dtype == dtype
+        assert reparam.testing.rel_error(reference(x.to(reference.head.weight.dtype)), out) <= rtol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_device_is_kept():
+    model, x = net().cuda().eval(), x_().cuda()
+    fused = reparam.fuse(model, (x,))
+    assert {p.device.type for p in fused.parameters()} == {"cuda"}
+    assert_equivalent(model, fused, x)
+
+
+def test_report_counts_and_error():
+    model, x = net().eval(), x_()
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert report.before == reparam.count(model, (x,))
+    assert report.after == reparam.count(fused, (x,))
+    assert (report.before.convs, report.before.bns) == (4, 4)
+    assert (report.after.convs, report.after.bns) == (3, 0)
+    assert report.max_rel_error <= 1e-5 and math.isfinite(report.max_rel_error)
+    assert {r.rule for r in report.rewrites} >= {"merge_sequential", "merge_sum"}
+    assert "merge_sum" in str(report) and reparam.explain(model, (x,)).after == report.after

@@ -1,0 +1,165 @@
+"""gcnet train / eval on tiny generated datasets with the real GCNet-S; OHEM loss; exact resume."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gcnet import cli, gcnet_s
+from gcnet.evaluate import EvalResult, confusion_matrix, evaluate, load_for_inference
+from gcnet.losses import GCNetLoss, OhemCrossEntropy
+from gcnet.presets import PRESETS, dataset_for, make_config
+from gcnet.train import TrainSamples, load_matching, read_checkpoint, train
+
+from test_gcnet_datasets import SPLITS, make_layout
+
+# 64×64 crops of 64×96 images, batch 2, one or a few steps: wiring, not accuracy, is under test.
+TINY = dict(iters=1, batch_size=2, crop_size=(64, 64), base_size=None, eval_size=None, workers=0,
+            min_kept=512, progress=False)
+
+
+def tiny_config(name, root, out, **overrides):
+    return make_config(name, overrides={**TINY, "data_root": str(root), "out_dir": str(out), **overrides})
+
+
+@pytest.mark.parametrize("name", sorted(SPLITS))
+def test_train_step_eval_and_predict_on_each_layout(name, tmp_path, capsys):
+    root = make_layout(name, tmp_path / "data", n=1, size=(64, 64))
+    config = tiny_config(name, root, tmp_path / "run")
+    last = train(config)
+    state = read_checkpoint(last)
+    val = dataset_for(config, SPLITS[name][-1])
+    assert state["iteration"] == 1 and tuple(json.loads(state["meta"]["classes"])) == val.classes
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["loss"]) > 0 and 0 <= float(rows[-1]["val_miou"]) <= 1
+
+    assert cli.main(["eval", str(last), "--workers", "0", "--split", SPLITS[name][-1]]) == 0
+    out = capsys.readouterr().out
+    assert "mean" in out and f"{name} {SPLITS[name][-1]} (1 images)" in out
+
+    image = val.pairs[0][0]
+    assert cli.main(["predict", str(image), "--weights", str(last), "--out", str(tmp_path / "pred")]) == 0
+    assert (tmp_path / "pred" / f"{image.stem}_mask.png").is_file()
+
+
+def test_resume_is_exact(tmp_path):
+    """4 iterations in one run == 2, pause, resume, 2 more: every weight, buffer and momentum."""
+    root = make_layout("folder", tmp_path / "data", n=1)
+    common = dict(iters=4, val_every=2, deterministic=True)
+    whole = read_checkpoint(train(tiny_config("folder", root, tmp_path / "whole", **common)))
+    paused = train(tiny_config("folder", root, tmp_path / "parts", stop_at=2, **common))
+    assert read_checkpoint(paused)["iteration"] == 2
+    parts = read_checkpoint(train(tiny_config("folder", root, tmp_path / "parts", **common), resume=paused))
+    assert parts["iteration"] == whole["iteration"] == 4
+    for key, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][key]), key
+    momenta = lambda s: [v["momentum_buffer"] for v in s["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momenta(whole), momenta(parts)))
+    assert whole["scheduler"]["last_epoch"] == parts["scheduler"]["last_epoch"] == 4
+
+
+def test_cli_train_pause_and_resume_with_amp(tmp_path):
+    root = make_layout("folder", tmp_path / "data", n=1)
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data-root", str(root), "--out-dir", str(run), "--iters", "2",
+            "--batch-size", "2", "--crop-size", "64", "64", "--workers", "0", "--min-kept", "512", "--no-progress",
+            "--amp"]  # bfloat16 autocast on the CPU
+    assert cli.main(args + ["--stop-at", "1"]) == 0
+    assert read_checkpoint(run / "last.pt")["iteration"] == 1
+    with pytest.raises(FileExistsError, match="--resume"):  # a run is there: never start over silently
+        cli.main(args)
+    assert cli.main(["train", "--resume", str(run / "last.pt")]) == 0  # the saved config carries on
+    assert read_checkpoint(run / "last.pt")["iteration"] == 2
+    with open(run / "log.csv") as f:
+        assert [row["iteration"] for row in csv.DictReader(f) if row["loss"]] == ["1", "2"]
+    weights = read_checkpoint(run / "last.pt")["model"].values()
+    assert all(torch.isfinite(v).all() for v in weights if v.is_floating_point())
+
+
+def test_config_file_and_flags_override_the_preset(tmp_path):
+    file = tmp_path / "recipe.toml"
+    file.write_text('lr = 0.02\niters = 10\ncrop_size = [32, 48]\n')
+    config = make_config("cityscapes", file, {"iters": 20})
+    assert (config.lr, config.iters, config.crop_size) == (0.02, 20, (32, 48))
+    assert config.min_kept == 131072 and config.aux_weight == 0.4  # the recipe's
+    assert PRESETS["camvid"].train_splits == ("train", "val") and PRESETS["camvid"].val_split == "test"
+    with pytest.raises(KeyError, match="unknown config key 'lr_rate'"):
+        make_config("voc", overrides={"lr_rate": 1})
+
+
+def test_processes_share_the_sample_stream():
+    """Two processes with batch 2 see together what one process with batch 4 sees."""
+    config = PRESETS["demo"]
+    one = TrainSamples(range(10), config, batch=4)
+    ranks = [TrainSamples(range(10), config, batch=2, rank=r, world_size=2) for r in range(2)]
+    for step in range(3):
+        together = [ranks[r].global_index(step * 2 + j) for r in range(2) for j in range(2)]
+        assert together == [one.global_index(step * 4 + j) for j in range(4)]
+
+
+def test_init_from_keeps_what_fits(tmp_path):
+    source = gcnet_s(num_classes=3)
+    target = gcnet_s(num_classes=11)
+    skipped = load_matching(target, source.state_dict())
+    assert skipped == ["aux_head.cls.bias", "aux_head.cls.weight", "head.cls.bias", "head.cls.weight"]
+    assert torch.equal(target.stem[0].conv.weight, source.stem[0].conv.weight)
+
+
+def test_deploy_scores_the_same_miou(tmp_path):
+    root = make_layout("folder", tmp_path / "data", n=1)
+    last = train(tiny_config("folder", root, tmp_path / "run", iters=2))
+    val = dataset_for(tiny_config("folder", root, tmp_path), "val")
+    model, _ = load_for_inference(last)
+    fused, _ = load_for_inference(last, deploy_form=True)
+    assert isinstance(fused, torch.fx.GraphModule)
+    a, b = evaluate(model, val), evaluate(fused, val)
+    assert a.miou == b.miou and torch.equal(a.confusion, b.confusion)
+
+
+# --- losses and metrics ---------------------------------------------------------------------
+
+def test_ohem_keeps_only_hard_pixels():
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[0, 0, :2] = torch.arange(4.0, 12.0).view(2, 4)  # top half: right with p > 0.9: easy
+    pixel = F.cross_entropy(logits, labels, reduction="none").flatten()
+    assert torch.isclose(OhemCrossEntropy(min_kept=1)(logits, labels), pixel[8:].mean())  # the hard half
+    # min_kept above the number of hard pixels: the 12 hardest count
+    assert torch.isclose(OhemCrossEntropy(min_kept=12)(logits, labels), pixel.sort(descending=True).values[:12].mean())
+
+
+def test_ohem_min_kept_counts_per_image_and_logits_are_upsampled():
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    logits = torch.full((2, 3, 4, 4), -3.0)
+    logits[:, 0] = 3.0  # every pixel easy (p > 0.9) ...
+    logits[:, 0, 0, 0] = 2.5  # ... some less so
+    loss = OhemCrossEntropy(min_kept=4)(logits, labels)
+    up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
+    per_pixel = F.cross_entropy(up, labels, reduction="none").flatten().sort(descending=True).values
+    assert torch.isclose(loss, per_pixel[:8].mean())  # 4 per image, 2 images
+
+
+def test_ohem_with_every_pixel_ignored_is_zero_with_a_gradient():
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    loss = OhemCrossEntropy()(logits, torch.full((1, 4, 4), 255))
+    loss.backward()
+    assert loss.item() == 0 and logits.grad is not None
+
+
+def test_gcnet_loss_weights_the_auxiliary_head():
+    labels = torch.randint(0, 3, (1, 8, 8))
+    main, aux = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    total, m, a = GCNetLoss()((main, aux), labels)
+    assert torch.isclose(total, m + 0.4 * a)
+
+
+def test_miou_ignores_absent_classes_and_the_ignore_label():
+    label = torch.tensor([0, 0, 1, 1, 255])
+    pred = torch.tensor([0, 1, 1, 1, 2])
+    result = EvalResult(confusion_matrix(pred, label, 3), ("a", "b", "c"))
+    assert result.iou[:2].tolist() == [0.5, 2 / 3] and np.isnan(result.iou[2].item())
+    assert result.miou == pytest.approx((0.5 + 2 / 3) / 2) and result.accuracy == 0.75
+    assert "n/a" in result.table()

@@ -1,0 +1,36 @@
+"""Branches of one input, summed: any aligned mix of convs, BNs and identities is one conv."""
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from strategies import (LOW_DTYPES, cases, check_low_precision, fuses_to_one_conv, identity_bn,
+                        nested_sums, parallel_sums, repvgg)
+
+
+@given(cases(parallel_sums()))
+def test_aligned_branches_sum_to_one_conv(case):
+    fuses_to_one_conv(case)
+
+
+@given(cases(repvgg()))
+def test_repvgg_block_is_one_conv(case):
+    fuses_to_one_conv(case, guard_may_refuse=False)
+
+
+@given(cases(identity_bn()))
+def test_identity_plus_bn_is_one_depthwise_conv(case):
+    fused = fuses_to_one_conv(case, guard_may_refuse=False, nothing_else=True)
+    conv = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
+    assert conv.kernel_size == (1, 1) and conv.groups == conv.in_channels == conv.out_channels
+
+
+@given(cases(nested_sums()))
+def test_sum_of_sums_is_one_conv(case):
+    fuses_to_one_conv(case)
+
+
+@given(cases(parallel_sums(kinds=["conv", "bn", "identity"]), dtypes=[torch.float32], with_inputs=False),
+       st.sampled_from(LOW_DTYPES))
+def test_parallel_sum_in_low_precision_keeps_dtype_and_accuracy(case, dtype):
+    check_low_precision(case, dtype)

@@ -1,0 +1,39 @@
+"""reparam.fuse on timm's re-parameterizable families, against timm's own converter.
+
+For the smallest variant of each family (random weights, random BN statistics, 64×64 input):
+the fused training form runs at most as many convs and BNs as `reparameterize_model` leaves,
+no more multiply-accumulates, and computes the original function (rel. error ≤ 1e-5)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+timm = pytest.importorskip("timm")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `benchmarks`
+
+import reparam  # noqa: E402
+from benchmarks.vs_timm import FAMILIES, build, timm_deploy  # noqa: E402
+from reparam.testing import assert_equivalent  # noqa: E402
+
+
+@pytest.mark.parametrize("family, name, kwargs", FAMILIES, ids=[f[1] for f in FAMILIES])
+def test_fuse_matches_or_beats_timm(family, name, kwargs):
+    model, x = build(name, kwargs)
+    theirs, ours = timm_deploy(model), reparam.fuse(model, (x,))
+    t, o = reparam.count(theirs, (x,)), reparam.count(ours, (x,))
+    assert o.convs <= t.convs and o.bns <= t.bns, \
+        f"{name}: convs/BNs {o.convs}/{o.bns} after reparam.fuse vs {t.convs}/{t.bns} after timm"
+    assert o.macs <= t.macs * (1 + 1e-6), f"{name}: {o.macs:.4g} MACs vs timm's {t.macs:.4g}"
+    assert_equivalent(model, ours, x, rtol=1e-5)
+
+
+def test_training_mode_model_is_left_alone():
+    """Users forget .eval(): fuse works on the eval-mode function of a copy."""
+    model, x = build("repvgg_a0", {})
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = reparam.fuse(model, (x,))
+    assert model.training
+    assert all(v.equal(before[k]) for k, v in model.state_dict().items())
+    assert_equivalent(model.eval(), fused, x)
