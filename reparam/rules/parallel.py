@@ -125,6 +125,9 @@ def merge_sum(node: fx.Node, g: Graph):
     terms, tree = [], []
     _terms(g, node, 1.0, terms, tree)
     result, erase, merged_any, refusal = [], list(tree), False, None
+    for t, _ in terms:  # a term that looks linear but is not exact: say why it stays a branch
+        if isinstance(reason := linear(g, t), str):
+            refusal = refusal or Refusal("merge_sum", t, reason)
     for source, branches in _branches(g, terms).items():
         if len(branches) < 2 or all(b.spec is None for b in branches):
             result += [(b.nodes[0], b.coef) for b in branches]

@@ -7,7 +7,7 @@ from torch import fx
 
 from .. import algebra
 from ..algebra import Affine
-from ..ops import ADD, CAT, SUB, Graph, NewConv, Refusal, Rewrite, is_op
+from ..ops import Graph, NewConv, Refusal, Rewrite
 from .common import as_conv, common_rank, linear
 
 NAME = "merge_sequential"
@@ -32,9 +32,8 @@ def merge_sequential(node: fx.Node, g: Graph):
     if not g.single_use(a_node, node, same_shape=isinstance(b, Affine)):
         others = [u.name for u in a_node.users if u is not node]
         return Refusal(NAME, a_node, f"its output is also used by {', '.join(others)}")
-    if not (g.holds_conv(a_node) or g.holds_conv(node)) and \
-            not all(is_op(u, ADD) or is_op(u, SUB) or is_op(u, CAT) for u in node.users):
-        # two BN/pool/scale ops would become a conv: only worth it as a branch to merge
+    if not (g.holds_conv(a_node) or g.holds_conv(node)):
+        # two BN/pool/scale ops would become a conv; in a sum, merge_sum walks such chains itself
         return Refusal(NAME, node, "neither op is a convolution: merging them would add one")
     nd = common_rank([a, b], g.ndim(a_node))
     if isinstance(nd, str):

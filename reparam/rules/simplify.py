@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..ops import (ADD, DIV, DROPOUT_FNS, IDENTITY_FNS, IDENTITY_METHODS, IDENTITY_MODULES, INPLACE,
+from ..ops import (ADD, CAT, DIV, DROPOUT_FNS, IDENTITY_FNS, IDENTITY_METHODS, IDENTITY_MODULES, INPLACE,
                    MUL, SUB, Constant, Graph, Rewrite, _RANDOM, is_op)
 
 
@@ -50,6 +50,8 @@ def _identity_input(node: fx.Node, g: Graph):
     if (is_op(node, IDENTITY_METHODS) or is_op(node, IDENTITY_FNS)) and len(node.args) == 1 \
             and not node.kwargs:
         return node.args[0]
+    if is_op(node, CAT) and isinstance(node.args[0], (list, tuple)) and len(node.args[0]) == 1:
+        return node.args[0][0]  # torch.cat([y]) is y
     if len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
