@@ -46,6 +46,11 @@ def merge_sequential(node: fx.Node, g: Graph):
     spec = algebra.compose(ca, cb)
     if isinstance(spec, str):
         return Refusal(NAME, node, spec)
+    if cb.pointwise() and any(cb.padding) and g.max_macs_ratio < math.inf:
+        # a padded 1×1 (DBB's BNAndPad) would make the first op run on its border too;
+        # the following k×k absorbs it instead (and merge_sum walks such branch chains)
+        return Refusal(NAME, node, "exact, but merged it would cost more MACs: the second op pads "
+                                   "its input, so the first would run on the border too")
     if reason := algebra.costlier(spec, [(ca, math.prod(cb.stride)), (cb, 1)], g.max_macs_ratio):
         return Refusal(NAME, node, reason)
     return Rewrite(NAME, node, [(NewConv(spec, x, [a_node, node]), 1.0)], [node, a_node],
