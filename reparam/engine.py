@@ -5,21 +5,14 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from . import report
 from .ops import Graph, Refusal, Rewrite
 from .rules import RULES
 
 
 @dataclass
-class Applied:
-    rule: str
-    path: str
-    detail: str
-    shape: str
-
-
-@dataclass
 class Outcome:
-    applied: list[Applied] = field(default_factory=list)
+    applied: list[report.Rewrite] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     passes: int = 0
 
@@ -37,7 +30,7 @@ def run(gm: fx.GraphModule, rules=RULES, max_passes: int = 100, max_macs_ratio: 
                 result = rule(node, g)
                 if isinstance(result, Rewrite):
                     new = g.apply(result)
-                    out.applied.append(Applied(result.rule, _where(g, new), result.detail, _shape(g, new)))
+                    out.applied.append(report.Rewrite(result.rule, _where(g, new), result.detail, _shape(g, new)))
                     changed = True
                     break
                 if isinstance(result, Refusal):

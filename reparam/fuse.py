@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import engine, trace
-from .report import Report, Rewrite, Skip, Untraced
+from .report import Report, Skip, Untraced
 from .stats import count
 from .testing import rel_error
 
@@ -87,7 +88,7 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float) ->
             report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
     outcome = engine.run(gm, max_macs_ratio=ratio)
     prefix = f"{path}." if path else ""
-    report.rewrites += [Rewrite(a.rule, prefix + a.path, a.detail, a.shape) for a in outcome.applied]
+    report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
     report.skipped += [Skip(r.rule, prefix + (_node_path(gm, r.node)), r.reason) for r in outcome.refused]
     return gm
 
