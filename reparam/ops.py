@@ -42,6 +42,7 @@ IDENTITY_FNS = {torch.clone, aten.clone.default, aten.alias.default, torch.detac
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                     nn.AlphaDropout, nn.FeatureAlphaDropout)
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+RESIZE_FNS = {F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest}
 _RANDOM = ("rand", "dropout", "bernoulli", "normal", "multinomial", "poisson")
 
 
@@ -85,6 +86,8 @@ class Rewrite:
     erase: list[fx.Node]
     detail: str = ""
     cat_dim: int | None = None  # concatenate the terms along this dim instead of summing
+    # convs that each take the place of the node they replace (replaces[0], same shape)
+    substitute: list[NewConv] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,11 @@ class Graph:
             return list(stack.values())[-1][0]
         return ""
 
+    def where(self, node: fx.Node) -> str:
+        """A name for `node` in a report: its module's path, and the op where it is not a module."""
+        path = self.path(node)
+        return path if node.op == "call_module" else f"{path}.{node.name}" if path else node.name
+
     def paths(self, node: fx.Node) -> set[str]:
         return set(node.meta.get("reparam_paths", ())) or {self.path(node)}
 
@@ -152,6 +160,20 @@ class Graph:
         if node.op == "call_module":
             return node.meta.get("reparam_conv", isinstance(self.module(node), CONV_MODULES))
         return is_op(node, CONV_FNS) or is_op(node, LINEAR_FNS)
+
+    def resized(self, node: fx.Node) -> fx.Node | None:
+        """The tensor `node` resizes (interpolate / upsample, any mode), else None. Each output
+        is a combination of its channel's inputs with weights summing to 1, so a per-channel
+        affine map commutes with it."""
+        if node.op == "call_module" and isinstance(self.module(node), nn.Upsample):
+            return node.args[0]
+        t = node.target
+        aten_resize = isinstance(t, torch._ops.OpOverload) and t.name().split("::")[-1].lstrip("_") \
+            .startswith("upsample_")
+        if node.op == "call_function" and (aten_resize or _hashable(t) in RESIZE_FNS):
+            x = arg(node, 0, "input")
+            return x if isinstance(x, fx.Node) else None
+        return None
 
     def readers(self, node: fx.Node, same_shape=False) -> list[fx.Node]:
         """The users that read `node`'s value. The others only ask its rank, dtype or device (and
@@ -336,6 +358,13 @@ class Graph:
         graph = self.gm.graph
         out = rw.output
         vals, made = [], {}  # made: replaced node -> the new conv standing for it
+        for new in rw.substitute:
+            with graph.inserting_after(self._after(new.input)):
+                node = self._add_conv(new)
+            old = new.replaces[0]
+            node.meta.update({k: old.meta[k] for k in ("tensor_meta", "val") if k in old.meta})
+            old.replace_all_uses_with(node)
+            made[old] = node
         for term, coef in rw.terms:
             if isinstance(term, NewConv):
                 # right after its input, so it precedes every user of the nodes it replaces
@@ -459,6 +488,7 @@ class Graph:
 
 _RANK_META = {"ndim", "dtype", "device", "is_cuda", "dim", "ndimension"}
 _SHAPE_META = {"shape", "size"}
+_SHAPE_OF = {"reshape_as", "view_as", "expand_as"}
 
 
 def _reads_meta(user: fx.Node, node: fx.Node, shape_too: bool) -> bool:
@@ -468,6 +498,8 @@ def _reads_meta(user: fx.Node, node: fx.Node, shape_too: bool) -> bool:
         return user.args[1] in names
     if user.op == "call_method" and user.target in names and user.args[0] is node:
         return node not in user.args[1:] and node not in user.kwargs.values()
+    if shape_too and user.op == "call_method" and user.target in _SHAPE_OF and len(user.args) == 2:
+        return user.args[1] is node and user.args[0] is not node  # z.reshape_as(node): its shape
     return False
 
 

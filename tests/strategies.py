@@ -681,6 +681,70 @@ def without_running_stats(draw):
                  reason="running statistics")
 
 
+class AffineAfterSum(nn.Module):
+    """post(±a₀(f₀(x)) ± resize(…) …): convs of different tensors (f: identity, relu, tanh, flip),
+    summed, the later terms resized to the first term's size (or `nested`: summed, then resized
+    once, as GCNet's head reads x_det + resize(DAPPM(x_sem))), then an affine op `post`.
+    `tap`: the sum is also returned."""
+    FNS = {"id": lambda x: x, "relu": torch.relu, "tanh": torch.tanh, "flip": lambda x: x.flip(-1)}
+
+    def __init__(self, convs, fns, signs, post, mode, nested, tap=False):
+        super().__init__()
+        self.convs, self.post = nn.ModuleList(convs), post
+        self.fns, self.signs, self.mode, self.nested, self.tap = fns, signs, mode, nested, tap
+
+    def extra_repr(self):
+        return f"fns={self.fns}, signs={self.signs}, mode={self.mode!r}, nested={self.nested}, tap={self.tap}"
+
+    def _resize(self, t, like):
+        corners = {"align_corners": self.mode.endswith("-corners")} if self.mode.startswith("bi") else {}
+        return F.interpolate(t, size=like.shape[2:], mode=self.mode.removesuffix("-corners"), **corners)
+
+    def forward(self, x):
+        ys = [c(self.FNS[f](x)) for c, f in zip(self.convs, self.fns)]
+        if self.nested and len(ys) > 2:
+            rest = ys[1]
+            for t, sign in zip(ys[2:], self.signs[2:]):
+                rest = rest + self._resize(t, ys[1]) if sign > 0 else rest - self._resize(t, ys[1])
+            terms = [(rest, self.signs[1])]
+        else:
+            terms = list(zip(ys[1:], self.signs[1:]))
+        s = ys[0] if self.signs[0] > 0 else -ys[0]
+        for t, sign in terms:
+            t = self._resize(t, ys[0])
+            s = s + t if sign > 0 else s - t
+        y = self.post(s)
+        return (y, s) if self.tap else y
+
+
+@st.composite
+def affine_after_sums(draw, tap=False):
+    """A BN, scale or shift after a sum of convs of different tensors (some resized): the
+    affine op folds into the convs (fold_into_sum). With `tap` the sum is read elsewhere."""
+    n = draw(st.integers(2, 4))
+    groups, cin, cout = draw(channels())
+    cs = [draw(convs(cin, cout, strides=(1, 2, 3), groups=groups)) for _ in range(n)]
+    post = draw(st.sampled_from(["bn", "mul", "param", "shift"]))
+    post = {"bn": lambda: draw(bns(cout)), "mul": lambda: Scale(nn.Identity(), "mul", -0.7),
+            "param": lambda: Scale(nn.Identity(), "param", shape=(cout, 1, 1)),
+            "shift": lambda: Shift(0.3)}[post]()
+    fns = [draw(st.sampled_from(sorted(AffineAfterSum.FNS))) for _ in range(n)]
+    signs = [draw(st.sampled_from([1, 1, -1])) for _ in range(n)]
+    mode = draw(st.sampled_from(["nearest", "nearest-exact", "bilinear", "bilinear-corners",
+                                 "bicubic", "area"]))
+    block = AffineAfterSum(cs, fns, signs, post, mode, draw(st.booleans()), tap)
+    return Block(block, cin, reason="also read by" if tap else "")
+
+
+class Shift(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return x + self.value
+
+
 @st.composite
 def different_inputs(draw):
     """a(x) + b(f(x)), a and b aligned conv[-BN] branches: conv-BN fold, the sum stays."""
@@ -696,6 +760,38 @@ def linear_bn_3d(draw):
     lin = nn.Linear(length, draw(st.integers(1, 5)), bias=draw(st.booleans()))
     return Block(nn.Sequential(lin, draw(bns(c, nd=1))), c, nd=1, size=(length,), reason="2-D")
 
+
+
+class LinearNorm(nn.Module):
+    """timm LeViT's Linear → BatchNorm1d: bn(y.flatten(start, end)).reshape_as(y), y = linear(x)
+    (or .view_as(y))."""
+
+    def __init__(self, linear: nn.Linear, bn: nn.BatchNorm1d, start: int, end: int, back: str):
+        super().__init__()
+        self.linear, self.bn, self.start, self.end, self.back = linear, bn, start, end, back
+
+    def extra_repr(self):
+        return f"flatten({self.start}, {self.end}), {self.back}"
+
+    def forward(self, x):
+        y = self.linear(x)
+        z = self.bn(y.flatten(self.start, self.end))
+        return z.reshape_as(y) if self.back == "reshape_as" else z.view_as(y)
+
+
+@st.composite
+def linear_norms(draw, exact=True):
+    """LinearNorm on a 2-, 3- or 4-D input. exact: the flatten gives (rows, features), the BN
+    normalizes the Linear's features; else (4-D, flatten(0, 1)) it normalizes the next-to-last
+    dim, and the fold must be refused."""
+    rank = draw(st.integers(2, 4) if exact else st.just(4))
+    sizes = [draw(st.integers(1, 4)) for _ in range(rank - 1)]  # all dims but batch; the last: features
+    lin = nn.Linear(sizes[-1], draw(st.integers(1, 5)), bias=draw(st.booleans()))
+    end = rank - 2 if exact else 1
+    bn = draw(bns(lin.out_features if exact else sizes[-2], nd=1))
+    block = LinearNorm(lin, bn, 0, end, draw(st.sampled_from(["reshape_as", "view_as"])))
+    return Block(block, sizes[0], nd=rank - 2, size=tuple(sizes[1:]),
+                 reason="" if exact else "does not give")
 
 # ---- weights, inputs, cases ----
 

@@ -118,7 +118,7 @@ def test_deploy_form_checkpoint_fuses_to_the_release_deploy_model(tmp_path):
     reparam.testing.assert_equivalent(trained, model, x, rtol=1e-5)
     fused = reparam.fuse(model)
     reparam.testing.assert_equivalent(trained, fused, x, rtol=1e-5)
-    assert reparam.count(fused, (x,)).bns == 12
+    assert reparam.count(fused, (x,)).bns == 11
 
 
 def test_errors_list_missing_unexpected_and_mismatched_keys():

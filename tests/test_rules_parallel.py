@@ -5,8 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from strategies import (LOW_DTYPES, cases, check_low_precision, fuses_to_one_conv, identity_bn,
-                        nested_sums, parallel_sums, repvgg)
+from strategies import (LOW_DTYPES, affine_after_sums, cases, check_low_precision, counts, fuse_checked,
+                        fuses_to_one_conv, identity_bn, nested_sums, parallel_sums, repvgg)
 
 
 @pytest.mark.xfail(reason="known gap: the cost guard counts MACs per output position and misses pool/padding resolution effects; a pool→BN branch can be refused or raise MACs", strict=False)
@@ -36,3 +36,11 @@ def test_sum_of_sums_is_one_conv(case):
        st.sampled_from(LOW_DTYPES))
 def test_parallel_sum_in_low_precision_keeps_dtype_and_accuracy(case, dtype):
     check_low_precision(case, dtype)
+
+
+@given(cases(affine_after_sums()))
+def test_affine_after_a_sum_of_convs_of_different_tensors_folds_into_them(case):
+    fused, report = fuse_checked(case)
+    n = len(case.model.convs)
+    assert counts(fused, case.x) == (n, 0), str(report)
+    assert any(r.rule == "fold_into_sum" for r in report.rewrites), str(report)

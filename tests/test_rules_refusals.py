@@ -12,8 +12,8 @@ import reparam
 from reparam.nn import BNAndPad
 from reparam.testing import assert_equivalent
 
-from strategies import (bias_before_padded_conv, cases, counts, different_inputs, fuse_checked,
-                        linear_bn_3d, misaligned_sums, non_zero_padding, pools_excluding_padding,
+from strategies import (affine_after_sums, bias_before_padded_conv, cases, counts, different_inputs, fuse_checked,
+                        linear_bn_3d, linear_norms, misaligned_sums, non_zero_padding, pools_excluding_padding,
                         randomize, shared_convs, skipped, tapped, tapped_sums, without_running_stats)
 
 
@@ -72,6 +72,16 @@ def test_bn_without_running_stats_is_refused(case):
 def test_residual_add_of_convs_on_different_inputs_keeps_both_convs(case):
     fused, _ = fuse_checked(case)
     assert counts(fused, case.x) == (2, 0)  # each conv-BN folds, the sum stays
+
+
+@given(cases(affine_after_sums(tap=True)))
+def test_affine_after_a_sum_read_elsewhere_is_refused(case):
+    check_refused(case)
+
+
+@given(cases(linear_norms(exact=False), with_inputs=True))
+def test_bn1d_through_a_flatten_that_keeps_a_spatial_dim_is_refused(case):
+    check_refused(case)
 
 
 @given(cases(linear_bn_3d()))

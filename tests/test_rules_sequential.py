@@ -4,8 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import (LOW_DTYPES, bn_unpadded_conv, cases, chains, check_low_precision, conv_bn,
-                        conv_bn_any_rank, conv_pointwise, dbb_1x1_bnpad_kxk, fuses_to_one_conv,
-                        pointwise_pointwise, pointwise_then_kxk)
+                        conv_bn_any_rank, conv_pointwise, counts, dbb_1x1_bnpad_kxk, fuse_checked,
+                        fuses_to_one_conv, linear_norms, pointwise_pointwise, pointwise_then_kxk, skipped)
 
 
 @given(cases(conv_bn()))
@@ -51,3 +51,16 @@ def test_exact_chain_is_one_conv(case):
 @given(cases(conv_bn(), dtypes=[torch.float32], with_inputs=False), st.sampled_from(LOW_DTYPES))
 def test_conv_then_bn_in_low_precision_keeps_dtype_and_accuracy(case, dtype):
     check_low_precision(case, dtype)
+
+
+@given(cases(linear_norms()))
+def test_linear_then_bn1d_through_flatten_and_reshape_is_one_linear(case):
+    """LeViT's LinearNorm: with example inputs one Linear and nothing else; without, the
+    rank is unknown and the report says so."""
+    fused, report = fuse_checked(case)
+    if case.with_inputs:
+        assert counts(fused, case.x) == (1, 0), str(report)
+        assert [n.op for n in fused.graph.nodes] == ["placeholder", "call_module", "output"], fused.code
+    else:
+        assert counts(fused, case.x) == (1, 1)
+        assert skipped(report, "rank unknown"), str(report)

@@ -17,10 +17,7 @@ from benchmarks.vs_timm import FAMILIES, build, timm_deploy  # noqa: E402
 from reparam.testing import assert_equivalent  # noqa: E402
 
 
-# LeViT: Linear → flatten → BatchNorm1d → reshape_as is not folded yet (a known gap of the rules)
-_GAPS = {"levit_128s": "known gap: Linear → flatten → BatchNorm1d → reshape_as is not folded"}
-PARAMS = [pytest.param(*f, id=f[1], marks=[pytest.mark.xfail(reason=_GAPS[f[1]], strict=True)] if f[1] in _GAPS else [])
-          for f in FAMILIES]
+PARAMS = [pytest.param(*f, id=f[1]) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("family, name, kwargs", PARAMS)

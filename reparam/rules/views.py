@@ -1,0 +1,73 @@
+"""Per-channel maps seen through a flatten, and reshapes that undo a flatten.
+
+LeViT (timm's `LinearNorm`) writes Linear → BatchNorm1d as `bn(y.flatten(0, 1)).reshape_as(y)`
+with y = linear(x) of shape (B, N, C): BatchNorm1d normalizes dim 1 of the flattened (B·N, C)
+tensor, which is y's last dim, the Linear's output features. So BN(flatten(linear(x))) is
+flatten(linear'(x)) with the BN folded into the Linear, and reshape_as then only undoes the
+flatten. Exact only when the flattened tensor is 2-D and keeps y's last dim: that needs shapes
+(example inputs), as BatchNorm1d beside a Linear does anywhere.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .. import algebra
+from ..algebra import Affine
+from ..ops import Graph, NewConv, Refusal, Rewrite, arg
+from .simplify import _mutated
+from .common import as_conv, linear
+
+NAME = "fold_through_flatten"
+_RESHAPES = {"reshape", "view", "flatten"}
+
+
+def _flatten(node: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """(input, start_dim, end_dim) of x.flatten(...) / torch.flatten(x, ...)."""
+    if (node.op == "call_method" and node.target == "flatten") or \
+            (node.op == "call_function" and node.target is torch.flatten):
+        x = arg(node, 0, "input")
+        return (x, arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)) if isinstance(x, fx.Node) else None
+    return None
+
+
+def fold_through_flatten(node: fx.Node, g: Graph):
+    lin = linear(g, node)
+    if not isinstance(lin, tuple) or not isinstance(lin[0], Affine) or lin[0].nd is not None:
+        return None  # a BatchNorm1d (or per-channel map of any rank) on dim 1
+    affine, f = lin
+    flat = _flatten(f)
+    if flat is None:
+        return None
+    y, _, end = flat
+    first = linear(g, y)
+    if not (isinstance(first, tuple) and g.holds_conv(y)) or first[0].nd != 0:
+        return None  # not a Linear
+    ny, nf = g.ndim(y), g.ndim(f)
+    if ny is None or nf is None:
+        return Refusal(NAME, node, "rank unknown (pass example_inputs)")
+    if nf != 2 or end % ny == ny - 1:
+        return Refusal(NAME, node, f"the flatten does not give (rows, {y.name}'s last dim)")
+    for n, user in ((f, node), (y, f)):
+        if not g.single_use(n, user, same_shape=True) or g.shared(n):
+            others = ", ".join(g.where(u) for u in g.readers(n) if u is not user)
+            return Refusal(NAME, n, f"its output is also used by {others}")
+    spec, x = first
+    chans = algebra.channels(spec)[1]
+    merged = algebra.compose(spec, as_conv(Affine(affine.scale, affine.shift, 0), chans, 0))
+    if isinstance(merged, str):
+        return Refusal(NAME, node, merged)
+    return Rewrite(NAME, node, [(f, 1.0)], [node, y], f"{g.path(y) or y.name} → {g.path(node) or node.name}",
+                   substitute=[NewConv(merged, x, [y, node])])
+
+
+def undo_reshape(node: fx.Node, g: Graph):
+    """z.reshape_as(y) / z.view_as(y) where z is a flatten, view or reshape of y: y itself."""
+    if node.op != "call_method" or node.target not in ("reshape_as", "view_as") or len(node.args) != 2:
+        return None
+    z, y = node.args
+    if _mutated(node):
+        return None
+    if not (isinstance(z, fx.Node) and z.op == "call_method" and z.target in _RESHAPES and z.args[0] is y):
+        return None
+    return Rewrite("undo_reshape", node, [(y, 1.0)], [node, z], f"{z.name} → {node.name}")
