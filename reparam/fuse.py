@@ -87,6 +87,9 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float) ->
         except Exception as e:  # shapes only sharpen a few checks; rules refuse without them
             report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
     outcome = engine.run(gm, max_macs_ratio=ratio)
+    for name, value in vars(module).items():  # what the caller may read: `self.attn.resolution`
+        if not name.startswith("_") and name != "training" and name not in vars(gm):
+            setattr(gm, name, value)
     prefix = f"{path}." if path else ""
     report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
     report.skipped += [Skip(r.rule, prefix + (_node_path(gm, r.node)), r.reason) for r in outcome.refused]

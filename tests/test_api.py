@@ -112,28 +112,31 @@ def test_names_keep_the_conv_or_name_the_common_module():
 
 
 class DataDependent(nn.Module):
-    """`if y.sum() > 0`: neither symbolic tracing nor torch.export can follow it."""
+    """`if y.sum() > 0`: neither symbolic tracing nor torch.export can follow it. It reads a
+    plain attribute of a child that is fused (as timm's EfficientViT reads `self.attn.resolution`)."""
 
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(4, 4, 3, padding=1, bias=False)  # odd in x: a(-x) = -a(x)
+        self.a = nn.Conv2d(3, 4, 3, padding=1, bias=False)  # odd in x: a(-x) = -a(x)
         self.b = conv_bn(4, 4, 3)
+        self.b.gain = 2.0
 
     def forward(self, x):
         y = self.a(x)
         if y.sum() > 0:
-            return self.b(y)
+            return self.b(y) * self.b.gain
         return -self.b(y)
 
 
 @pytest.mark.parametrize("with_inputs", [True, False])
 def test_untraceable_module_is_fused_per_traceable_child(with_inputs):
-    model = randomize(nn.Sequential(OrderedDict(stem=conv_bn(3, 4, 3), body=DataDependent())), seed=0).eval()
+    model = randomize(nn.Sequential(OrderedDict(body=DataDependent(), head=conv_bn(4, 4, 3))), seed=0).eval()
     x = x_()
     fused, report = reparam.fuse_with_report(model, (x,) if with_inputs else None)
     assert "body" in [u.path for u in report.untraced]
     assert all(u.message for u in report.untraced)
     assert reparam.count(fused, (x,)).bns == 0
+    assert {bool(model.body.a(sign * x).sum() > 0) for sign in (1, -1)} == {True, False}
     for sign in (1, -1):  # both sides of the `if`
         assert_equivalent(model, fused, sign * x)
 

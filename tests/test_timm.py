@@ -40,3 +40,13 @@ def test_training_mode_model_is_left_alone():
     assert model.training
     assert all(v.equal(before[k]) for k, v in model.state_dict().items())
     assert_equivalent(model.eval(), fused, x)
+
+
+def test_model_whose_root_does_not_trace_fuses_without_example_inputs():
+    """EfficientViT-MSRA branches on shapes: without example inputs each traceable submodule is
+    fused on its own, and the parent still reads their attributes (`self.attn.resolution`)."""
+    model, x = build("efficientvit_m0", {"img_size": 64})
+    fused, report = reparam.fuse_with_report(model)
+    assert report.untraced and report.rewrites
+    assert reparam.count(fused, (x,)).bns < reparam.count(model, (x,)).bns
+    assert_equivalent(model, fused, x, rtol=1e-5)
