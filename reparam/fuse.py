@@ -45,6 +45,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = F
                              f"{[tuple(getattr(t, 'shape', ())) for t in inputs]}: {e}") from e
         expected = work(*inputs) if inputs is not None else None
         fused = _fuse(work, inputs, "", report, max_macs_ratio)
+        _fast_lookup(fused)
         report.after = count(fused, inputs)
         if inputs is not None:
             report.max_rel_error = rel_error(expected, fused(*inputs))
@@ -88,12 +89,24 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float) ->
             report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
     outcome = engine.run(gm, max_macs_ratio=ratio)
     for name, value in vars(module).items():  # what the caller may read: `self.attn.resolution`
-        if not name.startswith("_") and name != "training" and name not in vars(gm):
+        if not (name.startswith("_") or name == "training" or name in vars(gm)
+                or isinstance(value, (nn.Module, torch.Tensor))):
             setattr(gm, name, value)
     prefix = f"{path}." if path else ""
     report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
     report.skipped += [Skip(r.rule, prefix + (_node_path(gm, r.node)), r.reason) for r in outcome.refused]
     return gm
+
+
+def _fast_lookup(model: nn.Module):
+    """Each submodule also in its parent's instance dict, so the generated `self.a.b.conv(x)`
+    is plain attribute lookup rather than one `nn.Module.__getattr__` call per level (about 7%
+    of RepViT-M0.9's latency at 64×64 on CPU). State dicts and names are unchanged, and
+    assigning a new submodule replaces the alias (nn.Module.__setattr__ clears it first)."""
+    for m in model.modules():
+        for name, child in m._modules.items():
+            if child is not None:
+                object.__setattr__(m, name, child)
 
 
 def _node_path(gm: fx.GraphModule, node: fx.Node) -> str:

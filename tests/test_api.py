@@ -93,6 +93,28 @@ def test_state_dict_round_trip():
         assert torch.equal(other(x), fused(x))
 
 
+def test_result_is_a_plain_module_tree_whose_submodules_can_be_replaced():
+    """Submodules are also plain attributes of their parents (fast lookups in the generated
+    code): no extra state-dict keys, pickling works, and a replaced submodule is the one called."""
+    x = x_()
+    fused = reparam.fuse(net())
+    keys = list(fused.state_dict())
+    assert len(keys) == len(set(keys)) == len(dict(fused.named_parameters())) + len(dict(fused.named_buffers()))
+    again = torch.load(io.BytesIO(_saved(fused)), weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(x), fused(x))
+        zero = nn.Conv2d(4, 2, 3, bias=False)
+        nn.init.zeros_(zero.weight)
+        fused.head = zero
+        assert torch.equal(fused(x), torch.zeros_like(fused(x)))
+
+
+def _saved(model) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()
+
+
 def test_torchscript_of_the_result():
     model, x = net().eval(), x_()
     scripted = torch.jit.script(reparam.fuse(model))
