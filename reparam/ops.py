@@ -155,6 +155,17 @@ class Graph:
         val = node.meta.get("val")
         return val.dim() if isinstance(val, torch.Tensor) else None
 
+    def channels(self, node: fx.Node, nd: int) -> int | None:
+        """The channel count of `node`'s output (dim 1, or the last dim where nd == 0), if known."""
+        meta = node.meta.get("tensor_meta")
+        shape = getattr(meta, "shape", None)
+        if shape is None and isinstance(node.meta.get("val"), torch.Tensor):
+            shape = node.meta["val"].shape
+        if shape is None or len(shape) < 2:
+            return None
+        c = shape[-1] if nd == 0 else shape[1]
+        return c if isinstance(c, int) else None
+
     def holds_conv(self, node: fx.Node) -> bool:
         """A convolution or Linear of the original model, or a conv made from one."""
         if node.op == "call_module":
@@ -351,7 +362,11 @@ class Graph:
         val = nodes[0].meta.get("val") if nodes else None
         if isinstance(val, torch.Tensor):
             return val.dtype, val.device
-        return torch.get_default_dtype(), torch.device("cpu")
+        # no weights (x + pool(x)): the dtype shape propagation saw, the model's device
+        meta = nodes[0].meta.get("tensor_meta") if nodes else None
+        dtype = getattr(meta, "dtype", None) or torch.get_default_dtype()
+        held = next(iter([*self.gm.parameters(), *self.gm.buffers()]), None)
+        return dtype, held.device if held is not None else torch.device("cpu")
 
     # ---- writing ----
     def apply(self, rw: Rewrite) -> fx.Node:

@@ -97,7 +97,7 @@ def _merge(g: Graph, source: fx.Node, branches: list[Branch], rule: str, node: f
     if isinstance(nd, str):
         return Refusal(rule, node, nd)
     cins = {algebra.channels(s)[0] for s in specs} - {None}
-    chans = cins.pop() if len(cins) == 1 else None
+    chans = cins.pop() if len(cins) == 1 else g.channels(source, nd)
     convs, parts = [], []
     for b in branches:
         if b.spec is None:
