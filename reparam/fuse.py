@@ -72,22 +72,30 @@ def explain(model: nn.Module, example_inputs=None, *, max_macs_ratio: float = 1.
     return fuse_with_report(model, example_inputs, max_macs_ratio=max_macs_ratio)[1]
 
 
-def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float) -> nn.Module:
-    gm, errors = trace.trace(module, inputs)
+def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, scopes=None) -> nn.Module:
+    """Fuse `module` (at `path`) as one graph, else each child. `scopes`: where a graph of the
+    whole model merged ops of different children (None: not known yet)."""
+    exportable = inputs if scopes is None or path in scopes else None
+    gm, errors = trace.trace(module, exportable)
+    outcome = None
+    if gm is not None and errors and list(module.children()):
+        # torch.export's graph runs slower than eager glue code: keep it only where it merged
+        # ops of different children; elsewhere fusing each child alone gives the same
+        outcome = _run(gm, inputs, path, report, ratio)
+        prefix = f"{path}." if path else ""
+        found = {prefix + s if s else path for s in _merge_scopes(gm)}
+        scopes = found if scopes is None else scopes | found
+        if path not in scopes:
+            gm, outcome = None, None
     if gm is None:
         children = list(module.named_children())
         report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
         child_inputs = _capture_inputs(module, inputs) if inputs is not None else {}
         for name, child in children:
             sub = f"{path}.{name}" if path else name
-            setattr(module, name, _fuse(child, child_inputs.get(name), sub, report, ratio))
+            setattr(module, name, _fuse(child, child_inputs.get(name), sub, report, ratio, scopes))
         return module
-    if inputs is not None and not any("val" in n.meta for n in gm.graph.nodes):
-        try:
-            ShapeProp(gm).propagate(*inputs)
-        except Exception as e:  # shapes only sharpen a few checks; rules refuse without them
-            report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
-    outcome = engine.run(gm, max_macs_ratio=ratio)
+    outcome = outcome or _run(gm, inputs, path, report, ratio)
     for name, value in vars(module).items():  # what the caller may read: `self.attn.resolution`
         if not (name.startswith("_") or name == "training" or name in vars(gm)
                 or isinstance(value, (nn.Module, torch.Tensor))):
@@ -96,6 +104,31 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float) ->
     report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
     report.skipped += [Skip(r.rule, prefix + (_node_path(gm, r.node)), r.reason) for r in outcome.refused]
     return gm
+
+
+def _run(gm: fx.GraphModule, inputs, path: str, report: Report, ratio: float) -> engine.Outcome:
+    if inputs is not None and not any("val" in n.meta for n in gm.graph.nodes):
+        try:
+            ShapeProp(gm).propagate(*inputs)
+        except Exception as e:  # shapes only sharpen a few checks; rules refuse without them
+            report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
+    return engine.run(gm, max_macs_ratio=ratio)
+
+
+def _merge_scopes(gm: fx.GraphModule) -> set[str]:
+    """For each conv made while fusing `gm`, the deepest module holding all the ops it stands
+    for: the module whose own forward combines them."""
+    scopes = set()
+    for n in gm.graph.nodes:
+        paths = [p.split(".") if p else [] for p in n.meta.get("reparam_paths", ())]
+        if n.meta.get("reparam_new") and paths:
+            common = []
+            for level in zip(*paths):
+                if len(set(level)) > 1:
+                    break
+                common.append(level[0])
+            scopes.add(".".join(common))
+    return scopes
 
 
 def _fast_lookup(model: nn.Module):

@@ -55,7 +55,8 @@ def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
 
 
 def trace(model: nn.Module, example_inputs=None) -> tuple[fx.GraphModule | None, list[str]]:
-    """(graph module in eval mode, []) or (None, the front ends' error messages)."""
+    """(graph module in eval mode, the messages of the front ends that failed before), or
+    (None, every front end's message)."""
     errors = []
     try:
         return symbolic(model).eval(), []
@@ -63,7 +64,7 @@ def trace(model: nn.Module, example_inputs=None) -> tuple[fx.GraphModule | None,
         errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
     if example_inputs is not None:
         try:  # an exported module is traced in eval mode and refuses .train()/.eval()
-            return exported(model, example_inputs), []
+            return exported(model, example_inputs), errors
         except Exception as e:
             errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
     return None, errors

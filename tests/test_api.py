@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import reparam
 from reparam.testing import assert_equivalent
@@ -161,6 +161,33 @@ def test_untraceable_module_is_fused_per_traceable_child(with_inputs):
     assert {bool(model.body.a(sign * x).sum() > 0) for sign in (1, -1)} == {True, False}
     for sign in (1, -1):  # both sides of the `if`
         assert_equivalent(model, fused, sign * x)
+
+
+class ShapeChecked(nn.Module):
+    """Checks its input's shape in Python: symbolic tracing fails, torch.export specializes.
+    sum: a(x) + b(x) merges across the children (one graph kept); else b(relu(a(x)))."""
+
+    def __init__(self, sum_: bool):
+        super().__init__()
+        self.a, self.b, self.sum = conv_bn(4, 4, 3), conv_bn(4, 4, 1 if sum_ else 3), sum_
+
+    def forward(self, x):
+        if x.shape[1] != 4:
+            raise ValueError("expected 4 channels")
+        return self.a(x) + self.b(x) if self.sum else self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("sum_", [True, False])
+def test_exported_graph_is_kept_only_where_it_merges_across_children(sum_):
+    model, x = randomize(ShapeChecked(sum_), seed=0).eval(), x_(2, 4, 8, 8)
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert_equivalent(model, fused, x)
+    assert reparam.count(fused, (x,)).bns == 0
+    if sum_:  # the exported graph: one conv
+        assert isinstance(fused, fx.GraphModule) and reparam.count(fused, (x,)).convs == 1
+    else:  # eager glue around two fused children, which runs faster than an exported graph
+        assert type(fused) is ShapeChecked and [u.path for u in report.untraced] == ["<root>"]
+        assert all(isinstance(c, fx.GraphModule) for c in fused.children())
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5),

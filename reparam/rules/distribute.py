@@ -64,6 +64,6 @@ def fold_into_sum(node: fx.Node, g: Graph):
             or algebra.compose(first, second)
         if isinstance(merged, str):
             return Refusal(NAME, node, merged)
-        substitute.append(NewConv(merged, x, [leaf]))
+        substitute.append(NewConv(merged, x, [leaf, node]))
     return Rewrite(NAME, node, [(t, 1.0)], [node] + [leaf for leaf, _ in leaves],
                    f"{g.path(node) or node.name} → {len(leaves)} convs", substitute=substitute)
