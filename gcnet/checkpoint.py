@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from reparam.export import _write_atomic  # the project's one atomic file write
+from reparam.export import write_atomic
 
 from .config import CONFIGS, GCNetConfig
 from .model import GCNet
@@ -212,7 +212,7 @@ def save_state_dict(state_dict: dict, out, metadata: dict | None = None) -> Path
         write = lambda tmp: save_file(tensors, tmp, metadata=meta)
     else:
         write = lambda tmp: torch.save({"state_dict": tensors, "meta": meta}, tmp)
-    return _write_atomic(out, True, write)
+    return write_atomic(out, True, write)
 
 
 def convert(path, variant: str, out, trust_pickle: bool = False, **overrides) -> Path:

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from reparam.export import _write_atomic  # the project's one atomic file write
+from reparam.export import write_atomic
 
 from .checkpoint import load as load_weights
 from .evaluate import evaluate
@@ -82,7 +82,7 @@ class TrainSamples(Dataset):
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename: a crash mid-write never leaves
     a truncated checkpoint where a good one was."""
-    _write_atomic(path, True, lambda tmp: torch.save(obj, tmp))
+    write_atomic(path, True, lambda tmp: torch.save(obj, tmp))
 
 
 def read_checkpoint(path) -> dict:

@@ -205,10 +205,12 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
             rep, dim=0).view(*b.weight.shape[:2], *(1,) * b.nd)).sum(dim=tuple(range(1, b.weight.dim())))
         return replace(b, weight=b.weight * s_rows, bias=_add_bias(bias, b.bias),
                        padding=tuple(x + y for x, y in zip(a.padding, b.padding)))
-    wa, wb = dense(a), dense(b)
     if b.pointwise() and not any(b.padding):
-        mb = wb.reshape(wb.shape[0], wb.shape[1])
-        w = torch.einsum("om,mi...->oi...", mb, wa)
+        mb = dense(b).reshape(b.out_channels, b.in_channels)
+        # b's 1×1 matrix times a's kernel, group by group of a (never a's dense kernel)
+        ga, per = a.groups, a.out_channels // a.groups
+        wa = a.weight.reshape(ga, per, *a.weight.shape[1:])
+        w = torch.einsum("ogr,gri...->ogi...", mb.reshape(-1, ga, per), wa).flatten(1, 2)
         bias = None if a.bias is None else mb @ a.bias
         stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
         return _make(w, _add_bias(bias, b.bias), stride, a.padding, a.dilation, a.groups * b.groups > 1)
@@ -216,9 +218,13 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
         if any(b.padding) and a.has_bias():
             return ("a bias before a zero-padded conv: the padded border would get the bias "
                     "in the fused conv but zero in the original")
-        ma = wa.reshape(wa.shape[0], wa.shape[1])
-        w = torch.einsum("om...,mi->oi...", wb, ma)
-        bias = None if a.bias is None else torch.einsum("om...,m->o", wb, a.bias)
+        ma = dense(a).reshape(a.out_channels, a.in_channels)
+        # b's kernel times a's 1×1 matrix, group by group of b (never b's dense kernel)
+        gb, per = b.groups, b.out_channels // b.groups
+        wb = b.weight.reshape(gb, per, *b.weight.shape[1:])
+        w = torch.einsum("gor...,gri->goi...", wb, ma.reshape(gb, -1, ma.shape[1])).flatten(0, 1)
+        bias = None if a.bias is None else \
+            torch.einsum("gor...,gr->go", wb, a.bias.reshape(gb, -1)).flatten()
         padding = tuple(pa + pb for pa, pb in zip(a.padding, b.padding))
         return _make(w, _add_bias(bias, b.bias), b.stride, padding, b.dilation, a.groups * b.groups > 1)
     if not b.pointwise():

@@ -34,7 +34,7 @@ def _require_eval(model: nn.Module, fmt: str):
                          "(reparam.fuse returns an eval-mode model)")
 
 
-def _write_atomic(path, overwrite: bool, write: Callable[[str], None]) -> Path:
+def write_atomic(path, overwrite: bool, write: Callable[[str], None]) -> Path:
     """Run `write(tmp)` on a temporary file beside `path` (same suffix: torch.export checks it),
     then move it to `path`."""
     path = Path(path)
@@ -65,7 +65,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, opset: int | None = None,
             program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset, verbose=False)
         program.save(tmp, external_data=False)
 
-    return _write_atomic(path, overwrite, write)
+    return write_atomic(path, overwrite, write)
 
 
 def to_torchscript(model: nn.Module, example_inputs, path, *, overwrite: bool = False) -> Path:
@@ -79,7 +79,7 @@ def to_torchscript(model: nn.Module, example_inputs, path, *, overwrite: bool = 
         with torch.no_grad():
             torch.jit.save(torch.jit.trace(model, inputs), tmp)
 
-    return _write_atomic(path, overwrite, write)
+    return write_atomic(path, overwrite, write)
 
 
 def to_pt2(model: nn.Module, example_inputs, path, *, overwrite: bool = False) -> Path:
@@ -93,7 +93,7 @@ def to_pt2(model: nn.Module, example_inputs, path, *, overwrite: bool = False) -
             program = torch.export.export(model, inputs)
         torch.export.save(program, tmp)
 
-    return _write_atomic(path, overwrite, write)
+    return write_atomic(path, overwrite, write)
 
 
 def _session(path):

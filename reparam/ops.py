@@ -397,18 +397,18 @@ class Graph:
             if key in out.meta and key not in result.meta:
                 result.meta[key] = out.meta[key]
         out.replace_all_uses_with(result)
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        for n in sorted(set(rw.erase), key=lambda n: -order.get(n, -1)):
-            if n.graph is not graph or n is result:
-                continue
+        pending = [n for n in dict.fromkeys(rw.erase) if n.graph is graph and n is not result]
+        for n in pending:
             for u in list(n.users):  # the rule vouched that these only read metadata
                 to = made.get(n, result)
-                if _reads_meta(u, n, True) and order[to] < order[u]:
+                if _reads_meta(u, n, True) and _precedes(to, u):
                     u.replace_input_with(n, to)
-            if not n.users:
+        while erasable := [n for n in pending if not n.users]:  # users first, then their inputs
+            for n in erasable:
                 if n.op == "call_module":
                     self.calls[n.target] -= 1
                 graph.erase_node(n)
+            pending = [n for n in pending if n not in erasable]
         return result
 
     def _after(self, node: fx.Node) -> fx.Node:
@@ -499,6 +499,16 @@ class Graph:
             self.gm.add_submodule(name, make_module(*self._pending[name]))
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
+
+
+def _precedes(a: fx.Node, b: fx.Node) -> bool:
+    """Whether `a` comes before `b` in their graph."""
+    n = a.next
+    while n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
 
 
 _RANK_META = {"ndim", "dtype", "device", "is_cuda", "dim", "ndimension"}

@@ -21,6 +21,23 @@ class ConcreteParamTracer(fx.Tracer):
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         return attr_val
 
+    def trace(self, root, concrete_args=None):
+        self._names = None
+        return super().trace(root, concrete_args)
+
+    def create_arg(self, a):
+        """A parameter or buffer becomes a get_attr node, found by identity in one dict (fx
+        scans the whole model for each one: quadratic in the model's size)."""
+        if isinstance(a, torch.Tensor) and isinstance(getattr(self, "root", None), nn.Module):
+            if self._names is None:
+                self._names = {}
+                for name, t in [*self.root.named_parameters(), *self.root.named_buffers()]:
+                    self._names.setdefault(id(t), name)
+            name = self._names.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, BNAndPad) or super().is_leaf_module(m, qualname)
 

@@ -132,9 +132,9 @@ def test_failed_export_leaves_nothing(tmp_path):
     def boom(tmp):
         Path(tmp).write_text("half a file")
         raise RuntimeError("exporter failed")
-    from reparam.export import _write_atomic
+    from reparam.export import write_atomic
     with pytest.raises(RuntimeError, match="exporter failed"):
-        _write_atomic(tmp_path / "m.onnx", False, boom)
+        write_atomic(tmp_path / "m.onnx", False, boom)
     assert list(tmp_path.iterdir()) == []
 
 
