@@ -30,8 +30,9 @@ def merge_sequential(node: fx.Node, g: Graph):
         return Refusal(NAME, a_node, first)
     a, x = first
     if not g.single_use(a_node, node, same_shape=isinstance(b, Affine)):
-        others = sorted({g.where(u) for u in g.readers(a_node, same_shape=True) if u is not node})
-        return Refusal(NAME, a_node, f"its output is also used by {', '.join(others)}")
+        readers = sorted({g.where(u) for u in g.readers(a_node, same_shape=True)})
+        return Refusal(NAME, a_node, f"its output is also used elsewhere: {len(readers)} ops read it "
+                                             f"({', '.join(readers)})")
     if not (g.holds_conv(a_node) or g.holds_conv(node)):
         # two BN/pool/scale ops would become a conv; in a sum, merge_sum walks such chains itself
         return Refusal(NAME, node, "neither op is a convolution: merging them would add one")
