@@ -9,6 +9,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import engine, trace
+from .ops import common_scope, where
 from .report import Report, Skip, Untraced
 from .stats import count
 from .testing import rel_error
@@ -75,6 +76,7 @@ def explain(model: nn.Module, example_inputs=None, *, max_macs_ratio: float = 1.
 def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, scopes=None) -> nn.Module:
     """Fuse `module` (at `path`) as one graph, else each child. `scopes`: where a graph of the
     whole model merged ops of different children (None: not known yet)."""
+    prefix = f"{path}." if path else ""
     exportable = inputs if scopes is None or path in scopes else None
     gm, errors = trace.trace(module, exportable)
     outcome = None
@@ -82,7 +84,6 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
         # torch.export's graph runs slower than eager glue code: keep it only where it merged
         # ops of different children; elsewhere fusing each child alone gives the same
         outcome = _run(gm, inputs, path, report, ratio)
-        prefix = f"{path}." if path else ""
         found = {prefix + s if s else path for s in _merge_scopes(gm)}
         scopes = found if scopes is None else scopes | found
         if path not in scopes:
@@ -100,9 +101,8 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
         if not (name.startswith("_") or name == "training" or name in vars(gm)
                 or isinstance(value, (nn.Module, torch.Tensor))):
             setattr(gm, name, value)
-    prefix = f"{path}." if path else ""
     report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
-    report.skipped += [Skip(r.rule, prefix + (_node_path(gm, r.node)), r.reason) for r in outcome.refused]
+    report.skipped += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.refused]
     return gm
 
 
@@ -118,17 +118,8 @@ def _run(gm: fx.GraphModule, inputs, path: str, report: Report, ratio: float) ->
 def _merge_scopes(gm: fx.GraphModule) -> set[str]:
     """For each conv made while fusing `gm`, the deepest module holding all the ops it stands
     for: the module whose own forward combines them."""
-    scopes = set()
-    for n in gm.graph.nodes:
-        paths = [p.split(".") if p else [] for p in n.meta.get("reparam_paths", ())]
-        if n.meta.get("reparam_new") and paths:
-            common = []
-            for level in zip(*paths):
-                if len(set(level)) > 1:
-                    break
-                common.append(level[0])
-            scopes.add(".".join(common))
-    return scopes
+    return {common_scope(n.meta["reparam_paths"]) for n in gm.graph.nodes
+            if n.meta.get("reparam_new") and n.meta.get("reparam_paths")}
 
 
 def _fast_lookup(model: nn.Module):
@@ -140,14 +131,6 @@ def _fast_lookup(model: nn.Module):
         for name, child in m._modules.items():
             if child is not None:
                 object.__setattr__(m, name, child)
-
-
-def _node_path(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return node.target
-    stack = node.meta.get("nn_module_stack")
-    where = list(stack.values())[-1][0] if stack else ""
-    return f"{where}:{node.name}" if where else node.name
 
 
 def _capture_inputs(module: nn.Module, inputs) -> dict[str, tuple]:

@@ -132,35 +132,27 @@ class Graph:
         return self.const(a) is not None
 
     def path(self, node: fx.Node) -> str:
-        """The module a node belongs to, as a dotted path ('' for the root)."""
-        if node.op == "call_module":
-            return node.target
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            return list(stack.values())[-1][0]
-        return ""
-
-    def where(self, node: fx.Node) -> str:
-        """A name for `node` in a report: its module's path, and the op where it is not a module."""
-        path = self.path(node)
-        return path if node.op == "call_module" else f"{path}.{node.name}" if path else node.name
+        return module_path(node)
 
     def paths(self, node: fx.Node) -> set[str]:
         return set(node.meta.get("reparam_paths", ())) or {self.path(node)}
 
-    def ndim(self, node: fx.Node) -> int | None:
+    @staticmethod
+    def shape(node: fx.Node):
+        """`node`'s output shape where shape propagation or torch.export recorded it."""
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
-            return len(meta.shape)
+            return meta.shape
         val = node.meta.get("val")
-        return val.dim() if isinstance(val, torch.Tensor) else None
+        return val.shape if isinstance(val, torch.Tensor) else None
+
+    def ndim(self, node: fx.Node) -> int | None:
+        shape = self.shape(node)
+        return None if shape is None else len(shape)
 
     def channels(self, node: fx.Node, nd: int) -> int | None:
         """The channel count of `node`'s output (dim 1, or the last dim where nd == 0), if known."""
-        meta = node.meta.get("tensor_meta")
-        shape = getattr(meta, "shape", None)
-        if shape is None and isinstance(node.meta.get("val"), torch.Tensor):
-            shape = node.meta["val"].shape
+        shape = self.shape(node)
         if shape is None or len(shape) < 2:
             return None
         c = shape[-1] if nd == 0 else shape[1]
@@ -456,13 +448,8 @@ class Graph:
             attrs = [n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target.startswith(t + ".")]
             if self.calls[t] == 1 and not attrs:
                 return t
-        parts = [p.split(".") if p else [] for p in paths]
-        common = []
-        for level in zip(*parts):
-            if len(set(level)) > 1:
-                break
-            common.append(level[0])
-        base = ".".join(common + ["reparam"])
+        scope = common_scope(paths)
+        base = f"{scope}.reparam" if scope else "reparam"
         name, i = base, 0
         while self._exists(name):
             i += 1
@@ -499,6 +486,32 @@ class Graph:
             self.gm.add_submodule(name, make_module(*self._pending[name]))
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
+
+
+def module_path(node: fx.Node) -> str:
+    """The module a node belongs to, as a dotted path ('' for the root)."""
+    if node.op == "call_module":
+        return node.target
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def where(node: fx.Node) -> str:
+    """A name for `node` in a report: its module's path, and 'module:op' where it is no module."""
+    path = module_path(node)
+    if node.op == "call_module":
+        return path
+    return f"{path}:{node.name}" if path else node.name
+
+
+def common_scope(paths) -> str:
+    """The deepest module path that holds every one of `paths` ('' for the root)."""
+    common = []
+    for level in zip(*(p.split(".") if p else [] for p in paths)):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 def _precedes(a: fx.Node, b: fx.Node) -> bool:

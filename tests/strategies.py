@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from hypothesis import assume, note
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import reparam
 from reparam.nn import BNAndPad
+from reparam.stats import _BN_OPS, _OpCounter
 from reparam.testing import assert_equivalent, rel_error
 
 KERNELS = [(1, 1), (3, 3), (5, 5), (1, 3), (3, 1)]
@@ -926,29 +926,20 @@ def check_one_conv(case: Case, fused: nn.Module, report) -> bool:
     return False
 
 
-class _Work(TorchDispatchMode):
+class _Work(_OpCounter):
     """The cost guard's model of work: every linear op costs the MACs of the conv it equals
-    (a conv its MACs, a k×k average pool k² per output element, a BN, scale or tensor add one
-    per output element); other ops nothing."""
-    ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "batch_norm", "native_batch_norm",
-                   "_native_batch_norm_legit_no_training", "_native_batch_norm_legit"}
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
+    (a conv or matmul its MACs, counted as `reparam.count` does; a k×k average pool k² per
+    output element; a BN, scale or tensor add one per output element); other ops nothing."""
+    ELEMENTWISE = {"add", "sub", "mul", "div", "neg"} | _BN_OPS
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = super().__torch_dispatch__(func, types, args, kwargs)
         name = func._overloadpacket.__name__
         first = out[0] if isinstance(out, (tuple, list)) else out
-        if name == "convolution":
-            self.total += out.numel() * args[1][0].numel()
-        elif name in ("mm", "addmm", "bmm"):
-            self.total += out.numel() * (args[1] if name == "addmm" else args[0]).shape[-1]
-        elif name.startswith("avg_pool"):
-            self.total += out.numel() * math.prod(args[1])
+        if name.startswith("avg_pool"):
+            self.macs += out.numel() * math.prod(args[1])
         elif name.rstrip("_") in self.ELEMENTWISE and isinstance(first, torch.Tensor):  # add_ too
-            self.total += first.numel()
+            self.macs += first.numel()
         return out
 
 
@@ -963,13 +954,13 @@ def work_per_position(model: nn.Module, x: torch.Tensor) -> float:
         counter = _Work()
         with counter:
             model(x)
-        return counter.total
+        return counter.macs
     h, values = 48, []
     for m in range(1, nd + 2):
         counter = _Work()
         with counter:
             model(x.new_zeros((1, x.shape[1], *([m * h] * nd))))
-        values.append(counter.total)
+        values.append(counter.macs)
     diff = sum((-1) ** (nd - i) * math.comb(nd, i) * v for i, v in enumerate(values))
     return diff / (math.factorial(nd) * h ** nd)
 

@@ -12,7 +12,7 @@ from torch import fx
 
 from .. import algebra
 from ..algebra import Affine
-from ..ops import SUB, Graph, NewConv, Refusal, Rewrite, is_op
+from ..ops import SUB, Graph, NewConv, Refusal, Rewrite, is_op, where
 from .common import as_conv, common_rank, linear
 from .parallel import _is_sum
 
@@ -23,8 +23,8 @@ def _leaves(g: Graph, t: fx.Node, parent: fx.Node, sign: float, out: list) -> st
     """Collect (conv node, ±1) under `t`, through sums and resizes read only by their parent;
     a reason where some term is not a conv (or is read elsewhere)."""
     if not g.single_use(t, parent, same_shape=True):
-        others = sorted({g.where(u) for u in g.readers(t, same_shape=True) if u is not parent})
-        return f"{g.where(t)} is also read by {', '.join(others) or 'the same op twice'}"
+        others = sorted({where(u) for u in g.readers(t, same_shape=True) if u is not parent})
+        return f"{where(t)} is also read by {', '.join(others) or 'the same op twice'}"
     if _is_sum(g, t):
         if t.args[0] is t.args[1]:
             return f"{t.name} adds a tensor to itself"
@@ -37,7 +37,7 @@ def _leaves(g: Graph, t: fx.Node, parent: fx.Node, sign: float, out: list) -> st
     if isinstance(linear(g, t), tuple) and g.holds_conv(t) and not g.shared(t):
         out.append((t, sign))
         return None
-    return f"term {g.where(t)} is not a convolution"
+    return f"term {where(t)} is not a convolution"
 
 
 def fold_into_sum(node: fx.Node, g: Graph):
@@ -60,8 +60,10 @@ def fold_into_sum(node: fx.Node, g: Graph):
             return Refusal(NAME, node, nd)
         chans = algebra.channels(spec)[1]
         first, second = as_conv(spec, chans, nd), as_conv(post, chans, nd)
-        merged = next((c for c in (first, second) if isinstance(c, str)), None) \
-            or algebra.compose(first, second)
+        for c in (first, second):
+            if isinstance(c, str):
+                return Refusal(NAME, node, c)
+        merged = algebra.compose(first, second)
         if isinstance(merged, str):
             return Refusal(NAME, node, merged)
         substitute.append(NewConv(merged, x, [leaf, node]))

@@ -7,7 +7,7 @@ from torch import fx
 
 from .. import algebra
 from ..algebra import Affine
-from ..ops import Graph, NewConv, Refusal, Rewrite
+from ..ops import Graph, NewConv, Refusal, Rewrite, where
 from .common import as_conv, common_rank, linear
 
 NAME = "merge_sequential"
@@ -30,7 +30,7 @@ def merge_sequential(node: fx.Node, g: Graph):
         return Refusal(NAME, a_node, first)
     a, x = first
     if not g.single_use(a_node, node, same_shape=isinstance(b, Affine)):
-        readers = sorted({g.where(u) for u in g.readers(a_node, same_shape=True)})
+        readers = sorted({where(u) for u in g.readers(a_node, same_shape=True)})
         return Refusal(NAME, a_node, f"its output is also used elsewhere: {len(readers)} ops read it "
                                              f"({', '.join(readers)})")
     if not (g.holds_conv(a_node) or g.holds_conv(node)):

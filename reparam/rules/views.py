@@ -14,9 +14,9 @@ from torch import fx
 
 from .. import algebra
 from ..algebra import Affine
-from ..ops import Graph, NewConv, Refusal, Rewrite, arg
-from .simplify import _mutated
+from ..ops import Graph, NewConv, Refusal, Rewrite, arg, where
 from .common import as_conv, linear
+from .simplify import _mutated
 
 NAME = "fold_through_flatten"
 _RESHAPES = {"reshape", "view", "flatten"}
@@ -50,7 +50,7 @@ def fold_through_flatten(node: fx.Node, g: Graph):
         return Refusal(NAME, node, f"the flatten does not give (rows, {y.name}'s last dim)")
     for n, user in ((f, node), (y, f)):
         if not g.single_use(n, user, same_shape=True) or g.shared(n):
-            others = ", ".join(g.where(u) for u in g.readers(n) if u is not user)
+            others = ", ".join(where(u) for u in g.readers(n) if u is not user)
             return Refusal(NAME, n, f"its output is also used by {others}")
     spec, x = first
     chans = algebra.channels(spec)[1]
