@@ -41,6 +41,21 @@ def common_rank(specs: list, ndim: int | None) -> int | Reason:
     return "rank unknown (pass example_inputs)"
 
 
+def then(a, b, ndim: int | None) -> tuple[ConvSpec, ConvSpec, ConvSpec] | Reason:
+    """b after a as one ConvSpec, with the ConvSpecs of a and b it came from, or why there is
+    none; `ndim` is the rank of the tensor between them, where it is known."""
+    nd = common_rank([a, b], ndim)
+    if isinstance(nd, str):
+        return nd
+    mid = algebra.channels(a)[1] or algebra.channels(b)[0]
+    ca, cb = as_conv(a, mid, nd), as_conv(b, mid, nd)
+    for c in (ca, cb):
+        if isinstance(c, str):
+            return c
+    spec = algebra.compose(ca, cb)
+    return spec if isinstance(spec, str) else (spec, ca, cb)
+
+
 def as_conv(spec, chans: int | None, nd: int) -> ConvSpec | Reason:
     """`spec` as a ConvSpec; `chans` gives the channel count of ops that fit any count."""
     cin = algebra.channels(spec)[0]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from .. import algebra
 from ..algebra import Affine
 from ..ops import SUB, Graph, NewConv, Refusal, Rewrite, is_op, where
-from .common import as_conv, common_rank, linear
+from .common import linear, then
 from .parallel import _is_sum
 
 NAME = "fold_into_sum"
@@ -55,17 +54,9 @@ def fold_into_sum(node: fx.Node, g: Graph):
         spec, x = g.linear_of(leaf)
         shift = affine.shift * sign if i == 0 and affine.shift is not None else None
         post = Affine(affine.scale, shift, affine.nd)
-        nd = common_rank([spec, post], g.ndim(leaf))
-        if isinstance(nd, str):
-            return Refusal(NAME, node, nd)
-        chans = algebra.channels(spec)[1]
-        first, second = as_conv(spec, chans, nd), as_conv(post, chans, nd)
-        for c in (first, second):
-            if isinstance(c, str):
-                return Refusal(NAME, node, c)
-        merged = algebra.compose(first, second)
-        if isinstance(merged, str):
-            return Refusal(NAME, node, merged)
-        substitute.append(NewConv(merged, x, [leaf, node]))
+        got = then(spec, post, g.ndim(leaf))
+        if isinstance(got, str):
+            return Refusal(NAME, node, got)
+        substitute.append(NewConv(got[0], x, [leaf, node]))
     return Rewrite(NAME, node, [(t, 1.0)], [node] + [leaf for leaf, _ in leaves],
                    f"{g.path(node) or node.name} → {len(leaves)} convs", substitute=substitute)

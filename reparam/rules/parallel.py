@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from torch import fx
 
 from .. import algebra
-from ..algebra import ConvSpec
 from ..ops import ADD, CAT, INPLACE, SUB, Graph, NewConv, Refusal, Rewrite, arg, is_op
-from .common import as_conv, common_rank, linear
+from .common import as_conv, common_rank, linear, then
 
 
 def _is_sum(g: Graph, node: fx.Node) -> bool:
@@ -62,14 +61,10 @@ def _walk(g: Graph, t: fx.Node, spec, x: fx.Node) -> tuple[Branch, fx.Node]:
         if not isinstance(lin, tuple) or g.shared(prev) or not g.single_use(prev, last):
             return branch, x
         p_spec, p_x = lin
-        nd = common_rank([p_spec, branch.spec], g.ndim(prev))
-        mid = algebra.channels(p_spec)[1] or algebra.channels(branch.spec)[0]
-        if isinstance(nd, str) or mid is None:
+        got = then(p_spec, branch.spec, g.ndim(prev))
+        if isinstance(got, str):
             return branch, x
-        cp, cs = as_conv(p_spec, mid, nd), as_conv(branch.spec, mid, nd)
-        composed = algebra.compose(cp, cs) if isinstance(cp, ConvSpec) and isinstance(cs, ConvSpec) else "-"
-        if isinstance(composed, str):
-            return branch, x
+        composed, cp, cs = got
         branch.parts = [(cp, math.prod(cs.stride))] + (branch.parts or [(cs, 1)])
         branch.spec = composed
         branch.nodes.append(prev)

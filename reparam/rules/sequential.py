@@ -8,7 +8,7 @@ from torch import fx
 from .. import algebra
 from ..algebra import Affine
 from ..ops import Graph, NewConv, Refusal, Rewrite, where
-from .common import as_conv, common_rank, linear
+from .common import linear, then
 
 NAME = "merge_sequential"
 
@@ -36,17 +36,10 @@ def merge_sequential(node: fx.Node, g: Graph):
     if not (g.holds_conv(a_node) or g.holds_conv(node)):
         # two BN/pool/scale ops would become a conv; in a sum, merge_sum walks such chains itself
         return Refusal(NAME, node, "neither op is a convolution: merging them would add one")
-    nd = common_rank([a, b], g.ndim(a_node))
-    if isinstance(nd, str):
-        return Refusal(NAME, node, nd)
-    mid = algebra.channels(a)[1] or algebra.channels(b)[0]
-    ca, cb = as_conv(a, mid, nd), as_conv(b, mid, nd)
-    for c in (ca, cb):
-        if isinstance(c, str):
-            return Refusal(NAME, node, c)
-    spec = algebra.compose(ca, cb)
-    if isinstance(spec, str):
-        return Refusal(NAME, node, spec)
+    got = then(a, b, g.ndim(a_node))
+    if isinstance(got, str):
+        return Refusal(NAME, node, got)
+    spec, ca, cb = got
     if cb.pointwise() and any(cb.padding) and g.max_macs_ratio < math.inf:
         # a padded 1×1 (DBB's BNAndPad) would make the first op run on its border too;
         # the following k×k absorbs it instead (and merge_sum walks such branch chains)
