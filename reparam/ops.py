@@ -370,7 +370,7 @@ class Graph:
                 node = self._add_conv(new)
             old = new.replaces[0]
             node.meta.update({k: old.meta[k] for k in ("tensor_meta", "val") if k in old.meta})
-            old.replace_all_uses_with(node)
+            self._replace_uses(old, node)
             made[old] = node
         for term, coef in rw.terms:
             if isinstance(term, NewConv):
@@ -388,13 +388,13 @@ class Graph:
         for key in ("tensor_meta", "val"):
             if key in out.meta and key not in result.meta:
                 result.meta[key] = out.meta[key]
-        out.replace_all_uses_with(result)
+        self._replace_uses(out, result)
         pending = [n for n in dict.fromkeys(rw.erase) if n.graph is graph and n is not result]
         for n in pending:
             for u in list(n.users):  # the rule vouched that these only read metadata
                 to = made.get(n, result)
                 if _reads_meta(u, n, True) and _precedes(to, u):
-                    u.replace_input_with(n, to)
+                    self._replace_uses(n, to, only=u)
         while erasable := [n for n in pending if not n.users]:  # users first, then their inputs
             for n in erasable:
                 if n.op == "call_module":
@@ -402,6 +402,14 @@ class Graph:
                 graph.erase_node(n)
             pending = [n for n in pending if n not in erasable]
         return result
+
+    def _replace_uses(self, old: fx.Node, new: fx.Node, only: fx.Node | None = None):
+        """Users of `old` (or just `only`) read `new`; their cached linear views follow."""
+        for u in [only] if only is not None else list(old.users):
+            got = self._specs.get(u)
+            if isinstance(got, tuple) and got[1] is old:
+                self._specs[u] = (got[0], new)
+            u.replace_input_with(old, new)
 
     def _after(self, node: fx.Node) -> fx.Node:
         """Where a node reading `node` can go: after it, and after all placeholders."""

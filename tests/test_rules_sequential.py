@@ -2,10 +2,15 @@
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
+
+import reparam
+from reparam.testing import assert_equivalent
 
 from strategies import (LOW_DTYPES, bn_unpadded_conv, cases, chains, check_low_precision, conv_bn,
                         conv_bn_any_rank, conv_pointwise, counts, dbb_1x1_bnpad_kxk, fuse_checked,
-                        fuses_to_one_conv, linear_norms, pointwise_pointwise, pointwise_then_kxk, skipped)
+                        fuses_to_one_conv, inputs, linear_norms, pointwise_pointwise, pointwise_then_kxk, randomize,
+                        skipped)
 
 
 @given(cases(conv_bn()))
@@ -64,3 +69,15 @@ def test_linear_then_bn1d_through_flatten_and_reshape_is_one_linear(case):
     else:
         assert counts(fused, case.x) == (1, 1)
         assert skipped(report, "rank unknown"), str(report)
+
+
+def test_chain_rewritten_below_a_node_is_judged_on_its_new_input():
+    """A chain of four convs: after the first two merges, the last conv's cached linear view
+    must read the new conv, not the erased one (that once read as 'also used elsewhere: 0 ops')."""
+    model = randomize(nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.Conv2d(3, 6, 1, groups=3, bias=False),
+                                    nn.Conv2d(6, 1, 1, bias=False), nn.Conv2d(1, 2, 1, bias=False)), 0).eval()
+    x = inputs((2, 1, 5, 5), 0)
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert_equivalent(model, fused, x)
+    assert [s.reason for s in report.skipped] == \
+        ["exact, but the merged conv would cost 18 MACs per output position instead of 11"]
