@@ -131,6 +131,20 @@ def as_conv(spec: Linear, chans: int, nd: int) -> ConvSpec:
     return ConvSpec(w, None if shift is None else shift.clone(), one, (0,) * nd, one, chans)
 
 
+def per_channel(spec: ConvSpec) -> tuple[Tensor, Tensor | None] | None:
+    """(scale, shift), each (C,), where `spec` only scales and shifts each channel (pointwise,
+    stride 1, one channel per group or a diagonal matrix); else None. Padding is kept apart."""
+    if not spec.pointwise() or any(s != 1 for s in spec.stride) or spec.in_channels != spec.out_channels:
+        return None
+    if spec.groups == spec.in_channels:
+        return spec.weight.reshape(-1), spec.bias
+    w = dense(spec).reshape(spec.out_channels, spec.in_channels)
+    if w.is_meta:
+        return None  # values unknown: not provably diagonal
+    d = torch.diagonal(w)
+    return (d.clone(), spec.bias) if torch.equal(w, torch.diag(d)) else None
+
+
 def identity(chans: int, nd: int) -> ConvSpec:
     return as_conv(Affine(torch.ones((), dtype=F64)), chans, nd)
 

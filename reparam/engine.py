@@ -1,46 +1,112 @@
-"""The fixpoint: apply the rules at every node until a pass changes nothing."""
+"""The fixpoint: apply the rules at every node until a pass changes nothing.
+
+Nothing a rule returns is trusted: a rule that raises is a refusal ('internal error in <rule>'),
+a rewrite the graph cannot host is a refusal (`Graph.admissible`), and every rewrite is checked
+on probes (`check.verify`) before it is applied."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
-from . import report
-from .ops import Graph, Refusal, Rewrite
-from .rules import RULES
+from . import check, report, rules as rules_module
+from .ops import Graph, Refusal, Rewrite, where
+
+
+@dataclass
+class Budget:
+    """What a fuse may apply: not the rewrites in `blocked` (keys), at most `limit` in all
+    (None: any number). `fuse` uses it to find the rewrites behind a wrong result."""
+    limit: int | None = None
+    blocked: set = field(default_factory=set)
+    applied: int = 0
+
+    def allows(self, key) -> bool:
+        return key not in self.blocked and (self.limit is None or self.applied < self.limit)
 
 
 @dataclass
 class Outcome:
     applied: list[report.Rewrite] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)  # rewrites the self-check could not evaluate
     passes: int = 0
 
 
-def run(gm: fx.GraphModule, rules=RULES, max_passes: int = 100, max_macs_ratio: float = 1.0) -> Outcome:
+class InternalError(RuntimeError):
+    """Applying a rewrite failed half-way: the graph cannot be trusted any more."""
+
+
+def key(rw: Rewrite) -> tuple:
+    """The same rewrite of the same traced graph has the same key in every fuse."""
+    return (rw.rule, tuple(sorted({n.name for n in [rw.output, *rw.erase]})))
+
+
+def _propose(rule, node: fx.Node, g: Graph):
+    try:
+        return rule(node, g)
+    except Exception as e:  # a rule's bug: this place stays as it is
+        return Refusal(rule.__name__, node, f"internal error in {rule.__name__}: {type(e).__name__}: {e}"
+                       .splitlines()[0])
+
+
+def _vet(rw: Rewrite, g: Graph, budget: Budget, out: Outcome) -> Refusal | None:
+    """Why `rw` must not be applied, or None."""
+    k = key(rw)
+    if k in budget.blocked:
+        return Refusal(rw.rule, rw.output, "undone: with it the fused model differed from the model "
+                                           "on the example inputs — please report")
+    if reason := g.admissible(rw):
+        return Refusal(rw.rule, rw.output, reason)
+    verdict = check.verify(g, rw, rw.tolerance or check.TOLERANCE)
+    if verdict.error is None:
+        out.unchecked.append(f"{rw.rule} at {where(rw.output)}: {verdict.message}")
+    elif verdict.error > (rw.tolerance or check.TOLERANCE):
+        why = f" ({verdict.message})" if verdict.message else ""
+        return Refusal(rw.rule, rw.output, f"not exact here (rel err {verdict.error:.1e}){why}; left alone "
+                                           "— please report")
+    return None
+
+
+def run(gm: fx.GraphModule, rules=None, max_passes: int = 100, max_macs_ratio: float = 1.0,
+        budget: Budget | None = None) -> Outcome:
     """Rewrite `gm` in place. Refusals are those of the final pass: the places left alone."""
+    rules = rules_module.RULES if rules is None else rules
+    budget = budget or Budget()
     g = Graph(gm, max_macs_ratio)
     out = Outcome()
-    for out.passes in range(1, max_passes + 1):
-        changed, refused = False, {}
-        for node in list(gm.graph.nodes):
-            if node.graph is not gm.graph:  # erased earlier in this pass
-                continue
-            for rule in rules:
-                result = rule(node, g)
-                if isinstance(result, Rewrite):
-                    new = g.apply(result)
-                    out.applied.append(report.Rewrite(result.rule, _where(g, new), result.detail, _shape(g, new)))
-                    changed = True
-                    break
-                if isinstance(result, Refusal):
-                    refused.setdefault((result.rule, result.node, result.reason), result)
-        if not changed:
-            out.refused = list(refused.values())
-            break
-    else:
-        raise RuntimeError(f"reparam: no fixpoint after {max_passes} passes; a rule keeps firing")
-    g.cleanup()
+    with torch.no_grad():
+        for out.passes in range(1, max_passes + 1):
+            changed, refused = False, {}
+            for node in list(gm.graph.nodes):
+                if node.graph is not gm.graph:  # erased earlier in this pass
+                    continue
+                for rule in rules:
+                    result = _propose(rule, node, g)
+                    if isinstance(result, Rewrite):
+                        if not budget.allows(key(result)) and key(result) not in budget.blocked:
+                            continue  # over the limit: left for a later fuse
+                        result = _vet(result, g, budget, out) or result
+                    if isinstance(result, Rewrite):
+                        try:
+                            new = g.apply(result)
+                        except Exception as e:
+                            raise InternalError(f"applying {result.rule} at {where(result.output)} failed: "
+                                                f"{type(e).__name__}: {e}") from e
+                        budget.applied += 1
+                        out.applied.append(report.Rewrite(result.rule, _where(g, new), result.detail,
+                                                          _shape(g, new), key(result)))
+                        changed = True
+                        break
+                    if isinstance(result, Refusal):
+                        refused.setdefault((result.rule, result.node, result.reason), result)
+            if not changed:
+                out.refused = list(refused.values())
+                break
+        else:
+            raise InternalError(f"no fixpoint after {max_passes} passes; a rule keeps firing")
+        g.cleanup()
     return out
 
 
@@ -49,9 +115,10 @@ def _where(g: Graph, node: fx.Node) -> str:
 
 
 def _shape(g: Graph, node: fx.Node) -> str:
-    m = g.module(node)
-    if m is None or not node.meta.get("reparam_new"):
+    pending = g._pending.get(node.target) if node.op == "call_module" else None
+    if pending is None:
         return ""
-    w = m.weight
-    groups = getattr(m, "groups", 1)
-    return f"{type(m).__name__}{tuple(w.shape)}" + (f" groups={groups}" if groups > 1 else "")
+    spec = pending.spec
+    kind = {0: "Linear", 1: "Conv1d", 2: "Conv2d", 3: "Conv3d"}[spec.nd] if pending.conv else "ChannelAffine"
+    groups = f" groups={spec.groups}" if spec.groups > 1 and pending.conv else ""
+    return f"{kind}{tuple(spec.weight.shape)}{groups}"

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import algebra
+
 
 class BNAndPad(nn.BatchNorm2d):
     """BatchNorm2d whose output is padded with the BN's value of a zero input (DBB's BNAndPadLayer).
@@ -31,3 +33,36 @@ class BNAndPad(nn.BatchNorm2d):
             return y
         v = self.border_value().view(1, -1, 1, 1)
         return F.pad(y - v, [self.padding] * 4) + v
+
+
+class ChannelAffine(nn.Module):
+    """y = x · weight + bias per channel: what a merge of BatchNorms, scales and identity branches
+    without any convolution computes (a conv would cost more). Channels are dim 1 for `nd`
+    spatial dims, the last dim for nd == 0. With `padding`, the output is zero-padded by that
+    much per spatial side before the bias is added, so the border holds the bias (as a padded
+    1×1 depthwise conv gives). (N, C, *S) → (N, C, *(S + 2·padding))."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, nd: int, padding: tuple = ()):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.nd, self.padding = nd, tuple(padding) or (0,) * nd
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, nd={self.nd}" + (f", padding={self.padding}" if any(self.padding) else "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        view = (-1,) + (1,) * self.nd
+        y = x * self.weight.view(view)
+        if any(self.padding):
+            y = F.pad(y, [p for p in reversed(self.padding) for _ in (0, 1)])
+        return y if self.bias is None else y + self.bias.view(view)
+
+    def spec(self):
+        """What the compiler sees: `algebra.Affine` (unpadded), else the padded 1×1 depthwise conv."""
+        scale = self.weight.detach().double()
+        shift = None if self.bias is None else self.bias.detach().double()
+        if not any(self.padding):
+            return algebra.Affine(scale, shift, self.nd)
+        one = algebra.as_conv(algebra.Affine(scale, shift), scale.numel(), self.nd)
+        return algebra.ConvSpec(one.weight, one.bias, one.stride, self.padding, one.dilation, one.groups)

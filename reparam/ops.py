@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from . import algebra
 from .algebra import Affine, ConvSpec, Pool, Reason
-from .nn import BNAndPad
+from .nn import BNAndPad, ChannelAffine
 
 aten = torch.ops.aten
 
@@ -59,9 +59,35 @@ def _hashable(t):
 
 
 def arg(node: fx.Node, i: int, name: str, default=None):
+    """Argument `i` of a call, passed by position or by keyword `name`."""
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
+
+
+def source(node: fx.Node):
+    """The tensor an op reads first: `input` of a layer or functional, `self` of a method."""
+    return arg(node, 0, "input", arg(node, 0, "self"))
+
+
+def static(*values) -> bool:
+    """No value is (or holds) a graph node: sizes known when tracing, not read from a tensor."""
+    found = []
+    fx.node.map_arg(values, found.append)
+    return not found
+
+
+# torch layers whose eval-mode function the rules know; a subclass that overrides `forward`
+# (QAT convs, timm's Conv2dSame) computes something else and is not folded as the layer
+KNOWN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.SyncBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d,
+                nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Upsample, *IDENTITY_MODULES)
+
+
+def plain(m: nn.Module) -> bool:
+    """`m` computes what the torch layer it derives from computes."""
+    base = next((b for b in KNOWN_LAYERS if isinstance(m, b)), None)
+    return base is not None and all(getattr(type(m), f, None) is getattr(base, f, None)
+                                    for f in ("forward", "_conv_forward"))
 
 
 @dataclass
@@ -88,6 +114,9 @@ class Rewrite:
     cat_dim: int | None = None  # concatenate the terms along this dim instead of summing
     # convs that each take the place of the node they replace (replaces[0], same shape)
     substitute: list[NewConv] = field(default_factory=list)
+    # the self-check's limit on the relative error (None: float64 rounding only), for rules that
+    # match values to the model's own precision
+    tolerance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,15 +134,25 @@ class Graph:
     calls: Counter = field(init=False)
     const_count: int = 0
     _specs: dict = field(default_factory=dict)
-    # convs made while fusing: (float64 spec, dtype, device). Their modules hold meta tensors
-    # until `cleanup`, so a chain of rewrites rounds to the model's dtype once, at the end.
+    # ops made while fusing, by module name: their modules are made in `cleanup`
     _pending: dict = field(default_factory=dict)
+    _f64: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.modules = dict(self.gm.named_modules())
         self.calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
+        held = [t for t in [*self.gm.parameters(), *self.gm.buffers()] if t.is_floating_point()]
+        self.dtype = held[0].dtype if held else torch.get_default_dtype()
+        self.device = held[0].device if held else torch.device("cpu")
 
     # ---- reading ----
+    def float64_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The parameters and buffers of module `name` in float64 (for `check`), made once."""
+        if name not in self._f64:
+            self._f64[name] = {k: v.double() if v.is_floating_point() else v
+                               for k, v in self.modules[name].state_dict(keep_vars=True).items()}
+        return self._f64[name]
+
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(node.target) if node.op == "call_module" else None
 
@@ -168,8 +207,8 @@ class Graph:
         """The tensor `node` resizes (interpolate / upsample, any mode), else None. Each output
         is a combination of its channel's inputs with weights summing to 1, so a per-channel
         affine map commutes with it."""
-        if node.op == "call_module" and isinstance(self.module(node), nn.Upsample):
-            return node.args[0]
+        if node.op == "call_module" and isinstance(self.module(node), nn.Upsample) and plain(self.module(node)):
+            return source(node)
         t = node.target
         aten_resize = isinstance(t, torch._ops.OpOverload) and t.name().split("::")[-1].lstrip("_") \
             .startswith("upsample_")
@@ -218,11 +257,11 @@ class Graph:
             w, b = self.const(arg(node, 1, "weight")), self.const(arg(node, 2, "bias"))
             if w is None or (arg(node, 2, "bias") is not None and b is None):
                 return None
-            return algebra.conv_spec(w, b), node.args[0]
+            return algebra.conv_spec(w, b), source(node)
         if t in (F.batch_norm, aten.batch_norm.default):
             return self._bn_fn(node, t)
         if t in AVGPOOL_FNS:
-            return self._pool(node.args[0], AVGPOOL_FNS[t], arg(node, 1, "kernel_size"),
+            return self._pool(source(node), AVGPOOL_FNS[t], arg(node, 1, "kernel_size"),
                               arg(node, 2, "stride"), arg(node, 3, "padding", 0),
                               arg(node, 4, "ceil_mode", False),
                               arg(node, 5, "count_include_pad", True),
@@ -234,16 +273,22 @@ class Graph:
         return None
 
     def _module_linear(self, node):
-        m = self.module(node)
+        m, x = self.module(node), source(node)
+        if m is None or not (plain(m) or isinstance(m, (BNAndPad, ChannelAffine))):
+            return None
+        if m._forward_hooks or m._forward_pre_hooks:
+            return "the module has forward hooks: fused, they would no longer fire"
+        if isinstance(m, ChannelAffine):
+            return m.spec(), x
         if isinstance(m, nn.Linear):
-            return algebra.conv_spec(m.weight, m.bias), node.args[0]
+            return algebra.conv_spec(m.weight, m.bias), x
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if m.padding_mode != "zeros" and any(_padding(m.padding, m.kernel_size, m.dilation) or [1]):
                 return f"padding_mode '{m.padding_mode}' is not zero padding"
             pad = _padding(m.padding, m.kernel_size, m.dilation)
             if pad is None:
                 return "padding='same' with an even kernel pads asymmetrically"
-            return algebra.conv_spec(m.weight, m.bias, m.stride, pad, m.dilation, m.groups), node.args[0]
+            return algebra.conv_spec(m.weight, m.bias, m.stride, pad, m.dilation, m.groups), x
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if m.running_mean is None or m.running_var is None:
                 return "BatchNorm without running statistics normalizes with batch statistics"
@@ -253,12 +298,12 @@ class Graph:
             if isinstance(m, BNAndPad):
                 spec = algebra.as_conv(Affine(scale, shift), scale.numel(), 2)
                 return ConvSpec(spec.weight, spec.bias, (1, 1), (m.padding,) * 2, (1, 1),
-                                spec.groups), node.args[0]
-            nd = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(m))
-            return Affine(scale, shift, nd), node.args[0]
+                                spec.groups), x
+            nd = 2 if isinstance(m, nn.BatchNorm2d) else 3 if isinstance(m, nn.BatchNorm3d) else None
+            return Affine(scale, shift, nd), x
         if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
             nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]
-            return self._pool(node.args[0], nd, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+            return self._pool(x, nd, m.kernel_size, m.stride, m.padding, m.ceil_mode,
                               m.count_include_pad, getattr(m, "divisor_override", None))
         return None
 
@@ -268,13 +313,16 @@ class Graph:
         b = self.const(b_arg)
         if w is None or (b_arg is not None and b is None):
             return None  # a weight computed from the input is not a fixed linear map
+        stride, padding, dilation, groups = (arg(node, 3, "stride", 1), arg(node, 4, "padding", 0),
+                                             arg(node, 5, "dilation", 1), arg(node, 6, "groups", 1))
+        if not static(stride, padding, dilation, groups):
+            return None  # sizes read from a tensor: not one fixed conv
         k = tuple(w.shape[2:])
-        d = _tuple(arg(node, 5, "dilation", 1), nd)
-        pad = _padding(arg(node, 4, "padding", 0), k, d)
+        d = _tuple(dilation, nd)
+        pad = _padding(padding, k, d)
         if pad is None:
             return "padding='same' with an even kernel pads asymmetrically"
-        return algebra.conv_spec(w, b, _tuple(arg(node, 3, "stride", 1), nd), pad, d,
-                                 arg(node, 6, "groups", 1)), node.args[0]
+        return algebra.conv_spec(w, b, _tuple(stride, nd), pad, d, groups), source(node)
 
     def _bn_fn(self, node, t):
         if t is F.batch_norm:  # (input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -293,11 +341,15 @@ class Graph:
             return "batch_norm without constant running statistics"
         if any(a[n] is not None and vals[n] is None for n in ("weight", "bias")):
             return None
+        if not static(a["eps"]):
+            return None
         scale, shift = algebra.bn_affine(vals["running_mean"], vals["running_var"],
                                          vals["weight"], vals["bias"], a["eps"])
-        return Affine(scale, shift, None), node.args[0]
+        return Affine(scale, shift, None), source(node)
 
     def _pool(self, x, nd, kernel, stride, padding, ceil_mode, count_include_pad, divisor):
+        if not static(kernel, stride, padding, ceil_mode, count_include_pad, divisor):
+            return None  # a window read from the input's size (squeeze-excite's global pool)
         k = _tuple(kernel, nd)
         s = _tuple(stride if stride not in (None, []) else kernel, nd)
         p = _tuple(padding, nd)
@@ -338,45 +390,66 @@ class Graph:
             return _affine(1.0, ca), b
         return None
 
-    def dtype_device(self, nodes) -> tuple[torch.dtype, torch.device]:
-        """dtype and device of the first floating tensor the nodes hold (weights, constants)."""
+    def held(self, nodes) -> list[tuple[torch.dtype, torch.device, bool]]:
+        """(dtype, device, has dims) of the floating tensors the nodes hold: weights, buffers,
+        constants, convs made while fusing."""
+        out = []
         for n in nodes:
-            tensors = []
             if n.op == "call_module" and n.target in self._pending:
-                return self._pending[n.target][1:]
-            if n.op == "call_module":
-                m = self.module(n)
-                tensors = list(m.parameters()) + list(m.buffers())
-            tensors += [self.const(a) for a in n.args if isinstance(a, fx.Node)]
-            for t in tensors:
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    return t.dtype, t.device
-        val = nodes[0].meta.get("val") if nodes else None
-        if isinstance(val, torch.Tensor):
-            return val.dtype, val.device
-        # no weights (x + pool(x)): the dtype shape propagation saw, the model's device
-        meta = nodes[0].meta.get("tensor_meta") if nodes else None
-        dtype = getattr(meta, "dtype", None) or torch.get_default_dtype()
-        held = next(iter([*self.gm.parameters(), *self.gm.buffers()]), None)
-        return dtype, held.device if held is not None else torch.device("cpu")
+                out.append(self._pending[n.target].dtype_device + (True,))
+                continue
+            tensors = [*self.module(n).parameters(), *self.module(n).buffers()] if n.op == "call_module" else []
+            tensors += [self.const(a) for a in n.all_input_nodes]
+            out += [(t.dtype, t.device, t.dim() > 0) for t in tensors
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return out
+
+    def dtype_device(self, nodes) -> tuple[torch.dtype, torch.device] | Reason:
+        """dtype and device of the op that replaces `nodes`: those of the tensors they hold (0-dim
+        ones only where there are no others, as type promotion ranks them); where they hold none,
+        the dtype shapes recorded, else the model's, on the model's device. A reason where the
+        tensors' dtypes or devices differ: merged, the result's dtype would change."""
+        held = self.held(nodes)
+        held = [h for h in held if h[2]] or held
+        kinds = {(d, dev) for d, dev, _ in held}
+        if len(kinds) > 1:
+            return f"the ops hold tensors of different dtypes or devices {sorted(map(str, kinds))}"
+        if kinds:
+            return kinds.pop()
+        for n in nodes:
+            meta = n.meta.get("val", n.meta.get("tensor_meta"))
+            if getattr(meta, "dtype", None) is not None:
+                return meta.dtype, self.device
+        return self.dtype, self.device
+
+    def admissible(self, rw: Rewrite) -> Reason | None:
+        """Why the ops `rw` would make cannot stand in this graph, or None."""
+        for new in rw.substitute + [t for t, _ in rw.terms if isinstance(t, NewConv)]:
+            got = self.dtype_device(new.replaces)
+            if isinstance(got, str):
+                return got
+            if new.spec.nd and min(new.spec.padding) < 0:
+                return f"the merged conv would need negative padding {new.spec.padding}"
+            if not any(self.holds_conv(n) for n in new.replaces) and algebra.per_channel(new.spec) is None:
+                return "no op it merges is a convolution or linear layer: merged, they would run one more"
+        return None
 
     # ---- writing ----
     def apply(self, rw: Rewrite) -> fx.Node:
         graph = self.gm.graph
         out = rw.output
+        order = {n: i for i, n in enumerate(graph.nodes)}
         vals, made = [], {}  # made: replaced node -> the new conv standing for it
         for new in rw.substitute:
-            with graph.inserting_after(self._after(new.input)):
-                node = self._add_conv(new)
+            node = self._add_conv(new, min(new.replaces, key=order.__getitem__))
             old = new.replaces[0]
             node.meta.update({k: old.meta[k] for k in ("tensor_meta", "val") if k in old.meta})
             self._replace_uses(old, node)
             made[old] = node
         for term, coef in rw.terms:
             if isinstance(term, NewConv):
-                # right after its input, so it precedes every user of the nodes it replaces
-                with graph.inserting_after(self._after(term.input)):
-                    node = self._add_conv(term)
+                # where the first op it replaces was: it reads the value that op read
+                node = self._add_conv(term, min(term.replaces, key=order.__getitem__))
                 made.update((r, node) for r in term.replaces)
                 term = node
             elif isinstance(term, Constant):
@@ -411,12 +484,6 @@ class Graph:
                 self._specs[u] = (got[0], new)
             u.replace_input_with(old, new)
 
-    def _after(self, node: fx.Node) -> fx.Node:
-        """Where a node reading `node` can go: after it, and after all placeholders."""
-        if node.op != "placeholder":
-            return node
-        return [n for n in self.gm.graph.nodes if n.op == "placeholder"][-1]
-
     def _combine(self, vals, cat_dim) -> fx.Node:
         """Σ coef·term as add/sub/mul nodes, or their concatenation along `cat_dim`."""
         graph = self.gm.graph
@@ -432,25 +499,35 @@ class Graph:
                 result = graph.call_function(operator.add if c == 1.0 else operator.sub, (result, v))
         return result
 
-    def _add_conv(self, new: NewConv) -> fx.Node:
+    def _add_conv(self, new: NewConv, before: fx.Node) -> fx.Node:
+        """A call of the op `new` describes, before `before`. Its module is made in `cleanup`,
+        so a chain of rewrites rounds to the model's dtype once, at the end."""
         dtype, device = self.dtype_device(new.replaces)
         paths = set().union(*(self.paths(n) for n in new.replaces))
         name = self._name_for(new.replaces, paths)
-        module = make_module(new.spec, dtype, torch.device("meta"))
-        self.gm.add_submodule(name, module)
-        self.modules[name] = module
-        self._pending[name] = (new.spec, dtype, device)
-        node = self.gm.graph.call_module(name, (new.input,))
+        conv = any(self.holds_conv(n) for n in new.replaces)
+        weights = [p for n in new.replaces if n.op == "call_module" and n.target not in self._pending
+                   for p in self.module(n).parameters()]
+        grad = any(p.requires_grad for p in weights) or not weights and any(
+            self._pending[n.target].requires_grad for n in new.replaces if n.target in self._pending)
+        last = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                   for p in weights)
+        self._pending[name] = Pending(new.spec, (dtype, device), conv, grad, last)
+        self.modules[name] = None
+        node = self.gm.graph.create_node("call_module", name, (new.input,), {})
+        before.prepend(node)
         self.calls[name] += 1
         self._specs[node] = (new.spec, new.input)
         node.meta["reparam_paths"] = sorted(paths)
         node.meta["reparam_new"] = True
-        node.meta["reparam_conv"] = any(self.holds_conv(n) for n in new.replaces)
+        node.meta["reparam_conv"] = conv
         return node
 
     def _name_for(self, nodes, paths) -> str:
         """Keep the name of the one conv being folded into; else '<deepest common scope>.reparam'."""
-        convs = [n for n in nodes if isinstance(self.module(n), CONV_MODULES)]
+        convs = [n for n in nodes if n.op == "call_module" and
+                 (n.target in self._pending and self._pending[n.target].conv or
+                  isinstance(self.module(n), CONV_MODULES))]
         if len(convs) == 1:
             t = convs[0].target
             attrs = [n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target.startswith(t + ".")]
@@ -465,6 +542,8 @@ class Graph:
         return name
 
     def _exists(self, name: str) -> bool:
+        if name in self._pending:
+            return True
         try:
             self.gm.get_submodule(name)
             return True
@@ -480,7 +559,7 @@ class Graph:
         return self.gm.graph.get_attr(name)
 
     def cleanup(self):
-        """Drop get_attr nodes and buffers/modules nothing uses any more."""
+        """Make the modules of the ops made while fusing; drop what nothing uses any more."""
         graph = self.gm.graph
         for n in list(graph.nodes):
             if n.op == "get_attr" and not n.users:
@@ -489,11 +568,29 @@ class Graph:
         for name, _ in list(self.gm.named_buffers(recurse=False)):
             if name.startswith("_reparam_const_") and name not in used:
                 delattr(self.gm, name)
-        graph.lint()
         for name in {n.target for n in graph.nodes if n.op == "call_module"} & self._pending.keys():
-            self.gm.add_submodule(name, make_module(*self._pending[name]))
+            self.gm.add_submodule(name, self._pending[name].module())
+        graph.lint()
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An op made while fusing: its float64 spec, and how to make its module."""
+    spec: ConvSpec
+    dtype_device: tuple
+    conv: bool            # it stands for a convolution (else a per-channel affine map)
+    requires_grad: bool
+    channels_last: bool
+
+    def module(self) -> nn.Module:
+        m = make_module(self.spec, *self.dtype_device, conv=self.conv)
+        for p in m.parameters():
+            p.requires_grad_(self.requires_grad)
+            if self.channels_last and p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        return m
 
 
 def module_path(node: fx.Node) -> str:
@@ -589,8 +686,13 @@ def _padding(padding, kernel, dilation):
     return _tuple(padding, nd)
 
 
-def make_module(spec: ConvSpec, dtype, device) -> nn.Module:
-    """An nn.Conv{1,2,3}d (nn.Linear for nd 0) holding `spec`, cast to dtype/device."""
+def make_module(spec: ConvSpec, dtype, device, conv: bool = True) -> nn.Module:
+    """An nn.Conv{1,2,3}d (nn.Linear for nd 0) holding `spec`, cast to dtype/device; a
+    `ChannelAffine` where `conv` is False (the ops it replaces held no convolution)."""
+    if not conv and (diag := algebra.per_channel(spec)) is not None:
+        scale, shift = diag
+        cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)
+        return ChannelAffine(cast(scale), cast(shift), spec.nd, spec.padding)
     if spec.nd == 0:
         w = algebra.dense(spec)
         m = nn.Linear(w.shape[1], w.shape[0], bias=spec.bias is not None, device="meta")

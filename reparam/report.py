@@ -12,6 +12,7 @@ class Rewrite:
     path: str
     detail: str
     shape: str = ""
+    key: tuple = field(default=(), compare=False, repr=False)  # engine.key: the same in every fuse
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,58 @@
-"""Front ends: a model in, a torch.fx GraphModule out (or why not).
+"""Front ends: a model in, a mutation-free torch.fx GraphModule out (or why not).
 
 `symbolic_trace` with parameters kept concrete, so a kernel built from parameters inside
-`forward` (OREPA) is computed at trace time and enters the graph as a constant; `torch.export`
-with example inputs where symbolic tracing fails (shape-dependent code, `int(x.shape[2])`)."""
+`forward` (OREPA) is computed at trace time and enters the graph as a constant. The tracer also
+records what a plain fx trace loses: slice assignment (`y[i] = v`) and augmented assignment
+(`y += t`, which fx records as `y + t`, dropping the write into every alias of y); then
+`mutation.functionalize` turns every in-place write into data flow. Modules with hooks stay
+calls of their own (their hooks keep firing). `torch.export` with example inputs where symbolic
+tracing fails (shape-dependent code, `int(x.shape[2])`), functionalized by its own
+decompositions, with dynamic sizes where the model allows them.
+"""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
+import operator
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
+from . import mutation
 from .nn import BNAndPad
+
+aten = torch.ops.aten
+
+
+class _Proxy(fx.Proxy):
+    """A Proxy that records `y[i] = v` and `y += t` as the writes they are."""
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+def _augmented(op):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+for _op in mutation.INPLACE_OPERATORS:
+    setattr(_Proxy, f"__{_op.__name__}__", _augmented(_op))
+
+
+def has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 class ConcreteParamTracer(fx.Tracer):
     """Parameters and buffers read in `forward` are real tensors, not proxies."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         return attr_val
@@ -39,14 +75,34 @@ class ConcreteParamTracer(fx.Tracer):
         return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, BNAndPad) or super().is_leaf_module(m, qualname)
+        # a module with hooks is called as itself, so that its hooks fire
+        return isinstance(m, BNAndPad) or (has_hooks(m) and qualname != "") or super().is_leaf_module(m, qualname)
 
 
-def symbolic(model: nn.Module) -> fx.GraphModule:
+def _none_defaults(model: nn.Module, given: int) -> dict:
+    """forward's parameters after the first `given` that default to None: traced as None (fx
+    then checks at call time that they are), not as tensors that `if scale is not None` takes."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: None for p in params[given:]
+            if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def symbolic(model: nn.Module, given: int = 1) -> fx.GraphModule:
     tracer = ConcreteParamTracer()
+    tensors = [*model.parameters(), *model.buffers()]
+    versions = [t._version for t in tensors]
     with torch.no_grad():
-        graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+        graph = tracer.trace(model, concrete_args=_none_defaults(model, given) or None)
+    for t, v in zip(tensors, versions):
+        if t._version != v:  # a write into a concrete parameter ran once, at trace time
+            raise mutation.Refused("forward writes one of the model's parameters or buffers in place")
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    mutation.functionalize(gm)
+    gm.recompile()
+    return gm
 
 
 @contextlib.contextmanager
@@ -66,17 +122,73 @@ def _quiet():
 
 
 def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """torch.export's functional ATen graph (every size dynamic that the model lets be; the
+    module's `reparam_static` lists the input sizes it fixed), unlifted into a module."""
+    inputs = tuple(example_inputs)
+    auto = tree_map(lambda t: {i: torch.export.Dim.AUTO for i in range(t.dim())}
+                    if isinstance(t, torch.Tensor) else None, inputs)
     with torch.no_grad(), _quiet():
-        ep = torch.export.export(model, tuple(example_inputs), strict=False)
-    return ep.module()
+        try:
+            ep = torch.export.export(model, inputs, dynamic_shapes=auto, strict=False)
+        except Exception:  # a model that only traces with fixed sizes
+            ep = torch.export.export(model, inputs, strict=False)
+        ep = ep.run_decompositions({})
+    gm = ep.module()
+    _canonical_batch_norm(gm)
+    for n in gm.graph.nodes:
+        if mutation.written(n, {}) is not None and not _copy_at_end(n):
+            raise mutation.Refused(f"the exported graph still writes in place at '{n.name}'")
+    gm.reparam_static = _static_sizes(gm)
+    return gm
+
+
+def _copy_at_end(node: fx.Node) -> bool:
+    """node is one of the `copy_` writes of inputs/buffers that end an unlifted exported graph."""
+    n = node
+    while n.op != "output":
+        if not (n.op == "call_function" and n.target is aten.copy_.default):
+            return False
+        n = n.next
+    return True
+
+
+def _static_sizes(gm: fx.GraphModule) -> list[tuple]:
+    """The input shapes of an exported graph where some size is fixed, else []."""
+    shapes = []
+    for n in gm.graph.nodes:
+        val = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            shapes.append(tuple(s if isinstance(s, int) else "*" for s in val.shape))
+    return shapes if any(isinstance(s, int) for shape in shapes for s in shape) else []
+
+
+def _canonical_batch_norm(gm: fx.GraphModule):
+    """`_native_batch_norm_legit_no_training(...)[0]` (decomposed eval BN) as `aten.batch_norm`."""
+    graph = gm.graph
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not aten._native_batch_norm_legit_no_training.default:
+            continue
+        users = list(n.users)
+        if not all(u.target is operator.getitem and u.args[1] == 0 for u in users):
+            continue
+        x, w, b, mean, var, momentum, eps = (list(n.args) + [None] * 7)[:7]
+        with graph.inserting_before(n):
+            bn = graph.call_function(aten.batch_norm.default, (x, w, b, mean, var, False, momentum, eps, False))
+        bn.meta.update(users[0].meta if users else n.meta)
+        for u in users:
+            u.replace_all_uses_with(bn)
+            graph.erase_node(u)
+        graph.erase_node(n)
+    gm.recompile()
 
 
 def trace(model: nn.Module, example_inputs=None) -> tuple[fx.GraphModule | None, list[str]]:
-    """(graph module in eval mode, the messages of the front ends that failed before), or
-    (None, every front end's message)."""
+    """(mutation-free graph module in eval mode, the messages of the front ends that failed
+    before), or (None, every front end's message)."""
     errors = []
     try:
-        return symbolic(model).eval(), []
+        given = len(example_inputs) if example_inputs is not None else 1
+        return symbolic(model, given).eval(), []
     except Exception as e:  # any tracer failure means: try the next front end
         errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
     if example_inputs is not None:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import reparam
-from reparam.nn import BNAndPad
+from reparam.nn import BNAndPad, ChannelAffine
 from reparam.stats import _BN_OPS, _OpCounter
 from reparam.testing import assert_equivalent, rel_error
 
@@ -881,17 +881,22 @@ def fuse_checked(case: Case, rtol: float | None = None):
 
 def check_low_precision(case: Case, dtype: torch.dtype):
     """The case's float32 model cast to fp16/bf16 fuses to the same dtype, within LOWP_TOL of
-    its float32 function, with one conv and no BN left."""
+    its float32 function, with one conv (none where it had none) and no BN left."""
     low = copy.deepcopy(case.model).to(dtype)
     fused = reparam.fuse(low, max_macs_ratio=math.inf)
     x = case.x.to(dtype)
     with torch.no_grad():
-        reference = low.float()(x.float())  # the float32 function of the same rounded weights
+        # the float32 function of the same rounded weights
+        reference = copy.deepcopy(low).float()(x.float())
+        # the backend's own low-precision kernels must be accurate here for a comparison to mean
+        # anything (torch 2.14's CPU bfloat16 conv2d with stride and dilation > 1 on one axis is
+        # off by O(1): measured 0.8-2.5 relative on random inputs, fused or not)
+        assume(rel_error(reference, low(x).float()) <= LOWP_TOL[dtype])
         out = fused(x)
     assert out.dtype == dtype
     assert all(p.dtype == dtype for p in fused.parameters())
     assert rel_error(reference, out.float()) <= LOWP_TOL[dtype]
-    assert counts(fused, x) == (1, 0)
+    assert counts(fused, x) == (min(1, counts(case.model, case.x)[0]), 0)
 
 
 def fuses_to_one_conv(case: Case, *, guard_may_refuse: bool = True, nothing_else: bool = False):
@@ -906,7 +911,7 @@ def fuses_to_one_conv(case: Case, *, guard_may_refuse: bool = True, nothing_else
     merged = check_one_conv(case, fused, report)
     if merged and nothing_else:
         left = [str(n.target) for n in fused.graph.nodes if n.op in ("call_function", "call_method")
-                or (n.op == "call_module" and not isinstance(fused.get_submodule(n.target), nn.Conv2d))]
+                or (n.op == "call_module" and not isinstance(fused.get_submodule(n.target), (nn.Conv2d, ChannelAffine)))]
         assert left == [], f"left in the graph: {left}"
     return fused
 
@@ -914,12 +919,18 @@ def fuses_to_one_conv(case: Case, *, guard_may_refuse: bool = True, nothing_else
 def check_one_conv(case: Case, fused: nn.Module, report) -> bool:
     """One conv and no BN left, unless the default cost guard refused a merge ("MACs" in a skip
     reason); then no more convs, and no more work per position (`work_per_position`) than the
-    original. True where it merged all."""
+    original. A block without convs keeps none (its per-channel maps become one ChannelAffine).
+    True where it merged all."""
     after = reparam.count(fused, (case.x,))
+    before = reparam.count(case.model, (case.x,))
+    if not before.convs:  # a merge of BNs, pools and scales: never a new conv (item 6 of issue 10)
+        assert after.convs == 0, f"a conv was added to a conv-free block: {before} → {after}"
+        if not skipped(report, "would run one more"):  # per-channel maps only: one ChannelAffine
+            assert after.bns == 0, f"expected no BN left, got {after}"
+        return after.bns == 0
     if case.max_macs_ratio == math.inf or not skipped(report, "MACs"):
         assert (after.convs, after.bns) == (1, 0), f"expected 1 conv and 0 BN, got {after}"
         return True
-    before = reparam.count(case.model, (case.x,))
     assert after.convs <= before.convs, f"the cost guard refused a merge, yet a conv was added: {before} → {after}"
     w0, w1 = work_per_position(case.model, case.x), work_per_position(fused, case.x)
     assert w1 <= w0 * (1 + 1e-9), f"the cost guard refused a merge, yet the work per position went up: {w0} → {w1}"

@@ -2,9 +2,9 @@
 eval-mode Dropout/Identity removal, Linear → BatchNorm1d."""
 from hypothesis import given
 
-from strategies import (cases, concats, dbb_pool_branch, fuses_to_one_conv, identity_plus_pool,
+from strategies import (cases, concats, counts, dbb_pool_branch, fuse_checked, fuses_to_one_conv, identity_plus_pool,
                         linear_bn, pointwise_then_pool, scaled_branches, scaled_convs, sum_with_pool,
-                        with_identities)
+                        skipped, with_identities)
 
 
 # ---- AvgPool ----
@@ -25,8 +25,11 @@ def test_dbb_pool_branch_is_one_conv(case):
 
 
 @given(cases(identity_plus_pool(), with_inputs=True))
-def test_identity_plus_pool_is_one_depthwise_conv_given_inputs(case):
-    fuses_to_one_conv(case, guard_may_refuse=False, nothing_else=True)
+def test_identity_plus_pool_is_left_alone_rather_than_become_a_conv(case):
+    """x + AvgPool(x) is exactly a depthwise conv, but running it as one adds a conv."""
+    fused, report = fuse_checked(case)
+    assert counts(fused, case.x) == counts(case.model, case.x) == (0, 0)
+    assert skipped(report, "would run one more"), str(report)
 
 
 # ---- multiplication by a constant or a per-channel parameter ----

@@ -2,8 +2,7 @@
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
-
+from reparam.nn import ChannelAffine
 from strategies import (LOW_DTYPES, affine_after_sums, cases, check_low_precision, counts, fuse_checked,
                         fuses_to_one_conv, identity_bn, nested_sums, parallel_sums, repvgg)
 
@@ -19,10 +18,12 @@ def test_repvgg_block_is_one_conv(case):
 
 
 @given(cases(identity_bn()))
-def test_identity_plus_bn_is_one_depthwise_conv(case):
-    fused = fuses_to_one_conv(case, guard_may_refuse=False, nothing_else=True)
-    conv = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
-    assert conv.kernel_size == (1, 1) and conv.groups == conv.in_channels == conv.out_channels
+def test_identity_plus_bn_is_one_per_channel_affine_not_a_conv(case):
+    """x + BN(x) holds no convolution: it becomes one ChannelAffine (a conv would cost more)."""
+    fused, report = fuse_checked(case)
+    assert counts(fused, case.x) == (0, 0), str(report)
+    ops = [n for n in fused.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    assert len(ops) == 1 and isinstance(fused.get_submodule(ops[0].target), ChannelAffine), fused.code
 
 
 @given(cases(nested_sums()))

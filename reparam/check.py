@@ -1,0 +1,225 @@
+"""Translation validation: every rewrite is checked before it is applied.
+
+Rules can be wrong; the engine does not trust them. `verify` evaluates the ops a rewrite
+replaces and the ops it would make, both in float64 with the model's weights, on random probe
+tensors of odd spatial sizes fed to the same boundary nodes (the tensors the region reads), and
+measures the relative error. The graph is not touched: the new ops are evaluated from their
+specs. Probe shapes come from the new convs' specs (channels and rank), else from the shapes
+recorded with example inputs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
+
+from .algebra import ConvSpec, dense
+from .mutation import is_size
+from .ops import Constant, Graph, NewConv, Rewrite
+
+TOLERANCE = 1e-9  # float64 evaluation of the same weights: only rounding differs
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    error: float | None   # the measured relative error; None: the region could not be evaluated
+    message: str = ""     # why not, or what differed
+
+
+class _Unknown(Exception):
+    """A probe's shape cannot be told: the check cannot run (never a verdict on the rule)."""
+
+
+def run_spec(spec: ConvSpec, x: torch.Tensor) -> torch.Tensor:
+    """What the op made from `spec` computes, in float64."""
+    if spec.nd == 0:
+        return F.linear(x, dense(spec), spec.bias)
+    return _CONV[spec.nd](x, spec.weight, spec.bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+
+
+def verify(g: Graph, rw: Rewrite, tolerance: float = TOLERANCE) -> Verdict:
+    """How far the rewrite's result is from what it replaces, on probes (see the module doc)."""
+    if any(p.is_meta for p in g.gm.parameters()):
+        return Verdict(None, "the model is on the meta device")
+    news = rw.substitute + [t for t, _ in rw.terms if isinstance(t, NewConv)]
+    region = set(rw.erase) | {rw.output} | {r for n in news for r in n.replaces}
+    region |= _downstream(rw.output, {n.replaces[0] for n in rw.substitute})
+    last = None
+    for shapes in ("specs", "recorded"):
+        try:
+            probe = _Probes(g, rw, news, region, shapes)
+            old = probe.old(rw.output)
+        except _Unknown as e:
+            last = Verdict(None, str(e))
+            continue
+        except Exception as e:  # the replaced ops do not take these probes
+            last = Verdict(None, f"the replaced ops fail on probes: {type(e).__name__}: {_line(e)}")
+            continue
+        try:
+            new = probe.new()
+            return Verdict(_rel_error(old, new))
+        except _Unknown as e:
+            last = Verdict(None, str(e))
+        except Exception as e:
+            return Verdict(math.inf, f"the new ops fail where the old ones run: {type(e).__name__}: {_line(e)}")
+    return last
+
+
+def _downstream(output: fx.Node, starts: set) -> set:
+    """Nodes on a path from any of `starts` to `output` (what a substitution changes)."""
+    out, seen = set(), {}
+
+    def reaches(n: fx.Node) -> bool:
+        if n in seen:
+            return seen[n]
+        seen[n] = False
+        hit = any([reaches(a) for a in n.all_input_nodes]) or n in starts
+        seen[n] = hit
+        if hit:
+            out.add(n)
+        return hit
+
+    reaches(output)
+    return out
+
+
+class _Probes:
+    """Float64 evaluation of the old region and of the rewrite, on shared probes."""
+
+    def __init__(self, g: Graph, rw: Rewrite, news: list[NewConv], region: set, shapes: str):
+        self.g, self.rw, self.news, self.region, self.shapes = g, rw, news, region, shapes
+        self.gen = torch.Generator().manual_seed(0)
+        self.values: dict[fx.Node, object] = {}
+        self.hints = {n.input: n.spec for n in news}
+        self.size = _sizes(news)
+        self.out_shape = None
+
+    # ---- the boundary: probes ----
+    def outside(self, n: fx.Node):
+        if n in self.values:
+            return self.values[n]
+        if n.op == "get_attr":
+            v = self.g.const(n)
+            v = v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        elif is_size(n) and n.op != "placeholder":
+            v = self.interpret(n, self.outside)
+        else:
+            v = torch.randn(self.shape_of(n), generator=self.gen, dtype=torch.float64)
+        self.values[n] = v
+        return v
+
+    def shape_of(self, n: fx.Node) -> tuple:
+        recorded = self.g.shape(n)
+        if self.shapes == "recorded":
+            if recorded is None:
+                raise _Unknown(f"no shape for '{n.name}'")
+            return tuple(int(s) for s in recorded)
+        spec = self.hints.get(n)
+        if spec is not None:
+            return (2, spec.in_channels, *self.size[:spec.nd])
+        if recorded is not None and len(recorded) >= 2 and isinstance(recorded[1], int):
+            return (2, recorded[1], *self.size[:len(recorded) - 2])
+        if self.out_shape is not None:
+            return self.out_shape
+        return (2, 4, *self.size[:2])  # shape-agnostic ops (identity, reshape round trips)
+
+    # ---- evaluation ----
+    def old(self, n: fx.Node):
+        if n in self.region:
+            if n not in self.values:
+                self.values[n] = self.interpret(n, self.old)
+            return self.values[n]
+        return self.outside(n)
+
+    def new(self):
+        self.new_values: dict[fx.Node, object] = {}
+        subs = {s.replaces[0]: s for s in self.rw.substitute}
+        made = []
+        for term, coef in self.rw.terms:
+            if isinstance(term, NewConv):
+                made.append((run_spec(term.spec, self._new(term.input, subs)), coef))
+        if made:
+            self.out_shape = tuple(made[0][0].shape)
+        vals, it = [], iter(made)
+        for term, coef in self.rw.terms:
+            if isinstance(term, NewConv):
+                vals.append(next(it))
+            elif isinstance(term, Constant):
+                vals.append((term.value.double(), coef))
+            else:
+                vals.append((self._new(term, subs), coef))
+        if self.rw.cat_dim is not None:
+            return torch.cat([v for v, _ in vals], dim=self.rw.cat_dim)
+        return sum(v * c for v, c in vals)
+
+    def _new(self, n: fx.Node, subs: dict):
+        if n in self.new_values:
+            return self.new_values[n]
+        if n in subs:
+            v = run_spec(subs[n].spec, self._new(subs[n].input, subs))
+        elif n in self.region and n is not self.rw.output:
+            v = self.interpret(n, lambda a: self._new(a, subs))
+        elif n in self.region:
+            raise _Unknown("the rewrite reads the op it replaces")
+        else:
+            v = self.outside(n)
+        self.new_values[n] = v
+        return v
+
+    def interpret(self, n: fx.Node, value):
+        args = fx.node.map_arg(n.args, value)
+        kwargs = fx.node.map_arg(n.kwargs, value)
+        if n.op == "call_module":
+            pending = self.g._pending.get(n.target)
+            if pending is not None:
+                return run_spec(pending.spec, args[0] if args else next(iter(kwargs.values())))
+            return functional_call(self.g.module(n), self.g.float64_state(n.target), args, kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "get_attr":
+            return self.outside(n)
+        raise _Unknown(f"cannot evaluate '{n.name}' ({n.op})")
+
+
+def _sizes(news: list[NewConv]) -> tuple[int, ...]:
+    """Odd probe sizes, different per axis, large enough for every kernel involved."""
+    extent = max([d * (k - 1) + 1 for n in news for k, d in zip(n.spec.kernel, n.spec.dilation)] or [1])
+    base = 2 * extent + 5
+    return (base, base + 2, base + 4)
+
+
+def _rel_error(old, new) -> float:
+    a = [t for t in tree_leaves(old) if isinstance(t, torch.Tensor)]
+    b = [t for t in tree_leaves(new) if isinstance(t, torch.Tensor)]
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(a, b):
+        x, y = x.double(), y.double()
+        if not x.numel():
+            continue
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            if not torch.equal(torch.isfinite(x), torch.isfinite(y)):
+                return math.inf
+            keep = torch.isfinite(x)
+            x, y = x[keep], y[keep]
+            if not x.numel():
+                continue
+        scale = x.abs().max().item()
+        err = (x - y).abs().max().item()
+        worst = max(worst, err / scale if scale > 0 else err)
+    return worst
+
+
+def _line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
