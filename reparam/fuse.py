@@ -1,24 +1,52 @@
-"""`fuse`: model → fx graph → rewritten graph → module + report."""
+"""`fuse`: model → fx graph → rewritten graph → module + report.
+
+What `fuse` returns is checked before it is returned: every rewrite on probes (`check`), with
+example inputs the whole model against the original (rewrites behind a difference are found by
+bisection and left out), and always the result's tensors and calls (`_postcondition`).
+"""
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import replace
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_leaves, tree_map
 
-from . import engine, trace
+from . import engine, trace, usage
 from .ops import common_scope, where
 from .report import Report, Skip, Untraced
-from .stats import count
+from .stats import count, run_counted
 from .testing import rel_error
 
+# the whole-model check: a difference above this (relative to the output's largest magnitude)
+# is a wrong rewrite, not rounding (float32 models fuse to 1e-7 .. 3e-6)
+WHOLE_MODEL_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
-def _check(model, example_inputs):
+
+class InternalError(RuntimeError):
+    """reparam broke its own promise on this model; the message says where. Please report it."""
+
+
+def _check(model, example_inputs, max_macs_ratio):
     if not isinstance(model, nn.Module):
         raise TypeError(f"reparam.fuse expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("reparam.fuse cannot rewrite a TorchScript module: fuse the Python module, "
+                        "then script the result")
+    if isinstance(max_macs_ratio, bool) or not isinstance(max_macs_ratio, numbers.Real) \
+            or math.isnan(max_macs_ratio) or max_macs_ratio <= 0:
+        raise ValueError(f"max_macs_ratio must be a positive number (float('inf') for no limit), "
+                         f"got {max_macs_ratio!r}")
     if example_inputs is None:
+        lazy = [name for name, m in model.named_modules()
+                if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+        if lazy:
+            raise ValueError(f"reparam: module '{lazy[0] or '<root>'}' is a lazy module whose parameters are "
+                             "not initialized yet: run one forward pass first, or pass example_inputs")
         return None
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -28,28 +56,36 @@ def _check(model, example_inputs):
     return tuple(example_inputs)
 
 
+def fresh(inputs):
+    """Clones of the tensors in `inputs`: no forward run by `fuse` writes the caller's tensors."""
+    return None if inputs is None else tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+
+
 def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = False,
                      max_macs_ratio: float = 1.0) -> tuple[nn.Module, Report]:
     """Fuse `model` (see `fuse`) and say what was done, what was left alone and why."""
-    inputs = _check(model, example_inputs)
-    report = Report()
-    if model.training:
-        report.notes.append("the model was in training mode: fused its eval-mode function "
-                            "(BatchNorm running statistics)")
+    inputs = _check(model, example_inputs, max_macs_ratio)
+    training = model.training
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     with torch.no_grad():
-        try:
-            report.before = count(work, inputs)
-        except Exception as e:
-            raise ValueError(f"reparam: the model fails on the example inputs "
-                             f"{[tuple(getattr(t, 'shape', ())) for t in inputs]}: {e}") from e
-        expected = work(*inputs) if inputs is not None else None
-        fused = _fuse(work, inputs, "", report, max_macs_ratio)
-        _fast_lookup(fused)
-        report.after = count(fused, inputs)
-        if inputs is not None:
-            report.max_rel_error = rel_error(expected, fused(*inputs))
+        _prepare(work, inputs)
+        if inputs is None:
+            fused, report = _fuse_report(work, None, max_macs_ratio, engine.Budget())
+            report.before, report.after = count(work), count(fused)
+        else:
+            args = fresh(inputs)
+            try:
+                before, out = run_counted(work, args)
+            except Exception as e:
+                raise ValueError(f"reparam: the model fails on the example inputs "
+                                 f"{[tuple(getattr(t, 'shape', ())) for t in inputs]}: {e}") from e
+            fused, report = _fuse_checked(work, inputs, (out, args), max_macs_ratio)
+            report.before = before
+        if training:
+            report.notes.insert(0, "the model was in training mode: fused its eval-mode function "
+                                   "(BatchNorm running statistics)")
+    _postcondition(work, fused, inputs)
     return fused, report
 
 
@@ -59,7 +95,8 @@ def fuse(model: nn.Module, example_inputs=None, *, inplace: bool = False,
 
     model: any nn.Module; it is not modified unless `inplace=True`.
     example_inputs: optional tuple of forward arguments; they let `torch.export` trace models
-    that `torch.fx.symbolic_trace` cannot, and give shapes to rules that need them.
+    that `torch.fx.symbolic_trace` cannot, give shapes to rules that need them, and let `fuse`
+    check the whole result against the model (rewrites behind a difference are left out).
     max_macs_ratio: a merge may cost at most this times the multiply-accumulates of the ops it
     replaces (1.0: never slower in MACs, so a depthwise k×k then a 1×1, or a bottleneck of
     1×1s, stay as they are; float('inf'): as few convolutions as is exact, whatever they cost).
@@ -73,46 +110,200 @@ def explain(model: nn.Module, example_inputs=None, *, max_macs_ratio: float = 1.
     return fuse_with_report(model, example_inputs, max_macs_ratio=max_macs_ratio)[1]
 
 
-def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, scopes=None) -> nn.Module:
-    """Fuse `module` (at `path`) as one graph, else each child. `scopes`: where a graph of the
-    whole model merged ops of different children (None: not known yet)."""
+# ---- preparing the copy ----
+
+def _prepare(work: nn.Module, inputs):
+    """Make the copy's weights plain: lazy modules initialized (one forward on the example
+    inputs), legacy weight_norm / spectral_norm hooks turned into the weights they compute."""
+    if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in work.modules()):
+        work(*fresh(inputs))
+    from torch.nn.utils import remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    for m in work.modules():
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, WeightNorm):
+                remove_weight_norm(m, hook.name)
+            elif isinstance(hook, SpectralNorm):
+                remove_spectral_norm(m, hook.name)
+
+
+# ---- the whole-model check ----
+
+def _run(model, inputs):
+    """(what one forward on fresh clones of `inputs` runs, (its output, those clones after it)):
+    a model that writes its inputs must write them the same way fused."""
+    args = fresh(inputs)
+    stats, out = run_counted(model, args)
+    return stats, (out, args)
+
+
+def _fuse_checked(work: nn.Module, inputs, want, ratio: float):
+    """_fuse, checked against the model's output `want` (and its inputs after the call) on the
+    example inputs; rewrites behind a difference are found by bisection and left out."""
+    tolerance = _tolerance(want[0])
+    budget = engine.Budget()
+    fused, report = _fuse_report(work, inputs, ratio, budget)
+    if _differ(want, _run(work, inputs)[1]) > tolerance:
+        report.notes.append("the model's outputs change from call to call: fused without the whole-model check")
+        report.after = count(fused, fresh(inputs))
+        return fused, report
+    notes = []
+    for _ in range(8):
+        report.after, got = _run(fused, inputs)
+        report.max_rel_error = _differ(want[0], got[0])
+        report.notes = notes + report.notes
+        if _differ(want, got) <= tolerance:
+            return fused, report
+        culprit = _bisect(work, inputs, ratio, budget, want, tolerance)
+        if culprit is None:
+            break
+        budget.blocked.add(culprit.key)
+        notes = report.notes + [f"undone: {culprit.rule} at {culprit.path}: with it the fused model differed "
+                                "from the model on the example inputs — please report"]
+        fused, report = _fuse_report(work, inputs, ratio, engine.Budget(blocked=set(budget.blocked)))
+    report.notes.append(f"the fused model differs from the model on the example inputs (rel err "
+                        f"{report.max_rel_error:.2g}) and no rewrite explains it: returned the model unfused "
+                        "— please report")
+    report.rewrites, report.max_rel_error = [], 0.0
+    report.after = count(work, fresh(inputs))
+    return work, report
+
+
+def _differ(expected, got) -> float:
+    """The relative error between two outputs (inf where their structure, shapes or dtypes differ)."""
+    exp = [t for t in tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    act = [t for t in tree_leaves(got) if isinstance(t, torch.Tensor)]
+    if len(exp) != len(act) or any(a.dtype != b.dtype or a.shape != b.shape for a, b in zip(exp, act)):
+        return math.inf
+    err = rel_error(exp, act)
+    return err if math.isfinite(err) else math.inf
+
+
+def _tolerance(expected) -> float:
+    dtypes = [t.dtype for t in tree_leaves(expected) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return max([WHOLE_MODEL_TOLERANCE.get(d, 1e-4) for d in dtypes] or [0.0])
+
+
+def _bisect(work, inputs, ratio, budget, want, tolerance):
+    """The first applied rewrite after which the fused model differs from `want`, or None."""
+    def wrong(limit):
+        fused, rep = _fuse_report(work, inputs, ratio, engine.Budget(limit, set(budget.blocked)))
+        return _differ(want, _run(fused, inputs)[1]) > tolerance, rep
+
+    bad, rep = wrong(None)
+    if not bad or not rep.rewrites or wrong(0)[0]:
+        return None
+    lo, hi, culprit = 0, len(rep.rewrites), rep  # wrong(lo) is False, wrong(hi) is True
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        is_bad, r = wrong(mid)
+        if is_bad:
+            hi, culprit = mid, r
+        else:
+            lo = mid
+    return culprit.rewrites[hi - 1]
+
+
+def _fuse_report(work, inputs, ratio, budget) -> tuple[nn.Module, Report]:
+    report = Report()
+    try:
+        fused = _fuse(work, inputs, "", report, ratio, budget=budget)
+    except engine.InternalError as e:
+        report = Report(notes=[f"internal error, returned the model unfused — please report: {e}"])
+        fused = work
+    _fast_lookup(fused)
+    return fused, report
+
+
+# ---- fusing, module by module ----
+
+def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, scopes=None,
+          budget: engine.Budget | None = None) -> nn.Module:
+    """`module` (at `path`) fused as one graph, else a copy whose children are fused. `scopes`:
+    where a graph of the whole model merged ops of different children (None: not known yet).
+    `module` itself is left as it is."""
     prefix = f"{path}." if path else ""
+    if trace.has_hooks(module):
+        report.skipped.append(Skip("fuse", path or "<root>", "the module has forward hooks: kept as it is "
+                                                             "(its children are fused)"))
+        return _fuse_children(module, inputs, path, report, ratio, scopes, budget)
     exportable = inputs if scopes is None or path in scopes else None
-    gm, errors = trace.trace(module, exportable)
+    gm, errors = trace.trace(module, fresh(exportable))
     outcome = None
-    if gm is not None and errors and list(module.children()):
+    if gm is not None and errors:
         # torch.export's graph runs slower than eager glue code: keep it only where it merged
-        # ops of different children; elsewhere fusing each child alone gives the same
-        outcome = _run(gm, inputs, path, report, ratio)
+        # ops of different children (or, without children, where it merged anything at all)
+        outcome = _run_engine(gm, inputs, path, report, ratio, budget)
         found = {prefix + s if s else path for s in _merge_scopes(gm)}
         scopes = found if scopes is None else scopes | found
-        if path not in scopes:
+        if path not in scopes and (list(module.children()) or not outcome.applied):
             gm, outcome = None, None
+        elif getattr(gm, "reparam_static", None):
+            report.notes.append(f"the exported graph of '{path or '<root>'}' is shape-specialized: it accepts "
+                                f"inputs of shape {', '.join(map(str, gm.reparam_static))} only (* is any size)")
     if gm is None:
-        children = list(module.named_children())
-        report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
-        child_inputs = _capture_inputs(module, inputs) if inputs is not None else {}
-        for name, child in children:
-            sub = f"{path}.{name}" if path else name
-            setattr(module, name, _fuse(child, child_inputs.get(name), sub, report, ratio, scopes))
-        return module
-    outcome = outcome or _run(gm, inputs, path, report, ratio)
+        if errors:
+            report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
+        if not list(module.children()):
+            return module
+        return _fuse_children(module, inputs, path, report, ratio, scopes, budget)
+    outcome = outcome or _run_engine(gm, inputs, path, report, ratio, budget)
+    report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
+    report.skipped += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.refused]
+    report.unchecked += [f"{prefix}{u}" for u in outcome.unchecked]
+    if not outcome.applied and not _has_hooked(gm):
+        return module  # nothing merged: the module itself is exact, and keeps its class
     for name, value in vars(module).items():  # what the caller may read: `self.attn.resolution`
         if not (name.startswith("_") or name == "training" or name in vars(gm)
                 or isinstance(value, (nn.Module, torch.Tensor))):
             setattr(gm, name, value)
-    report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
-    report.skipped += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.refused]
+    _fuse_hooked(gm, prefix, report, ratio, budget)
     return gm
 
 
-def _run(gm: fx.GraphModule, inputs, path: str, report: Report, ratio: float) -> engine.Outcome:
+def _fuse_children(module, inputs, path, report, ratio, scopes, budget) -> nn.Module:
+    """A shallow copy of `module` (same class, code, hooks and attributes) with its children
+    fused; a child the module uses as a collection (see `usage`) keeps its class too."""
+    if inputs is not None:
+        child_inputs, loose = usage.observe(module, fresh(inputs))
+    else:
+        child_inputs, loose = {}, usage.from_source(module)
+    out = copy.copy(module)
+    out._modules = type(module._modules)(module._modules)
+    for name, child in module.named_children():
+        sub = f"{path}.{name}" if path else name
+        if name in loose:  # keeps its class; its children are fused
+            fused = _fuse_children(child, None, sub, report, ratio, scopes, budget) if list(child.children()) \
+                else child
+        else:
+            fused = _fuse(child, child_inputs.get(name), sub, report, ratio, scopes, budget)
+        out._modules[name] = fused
+        if name in out.__dict__:  # a plain-attribute alias of the child (see _fast_lookup)
+            object.__setattr__(out, name, fused)
+    return out
+
+
+def _has_hooked(gm: fx.GraphModule) -> bool:
+    return any(trace.has_hooks(m) and list(m.children()) for m in gm.modules() if m is not gm)
+
+
+def _fuse_hooked(gm: fx.GraphModule, prefix: str, report: Report, ratio: float, budget):
+    """Modules with hooks are calls of their own in a graph: fuse their children, keep them."""
+    for n in gm.graph.nodes:
+        m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if m is not None and trace.has_hooks(m) and list(m.children()):
+            fused = _fuse(m, None, prefix + n.target, report, ratio, None, budget)
+            gm.add_submodule(n.target, fused)
+
+
+def _run_engine(gm: fx.GraphModule, inputs, path: str, report: Report, ratio: float, budget) -> engine.Outcome:
     if inputs is not None and not any("val" in n.meta for n in gm.graph.nodes):
         try:
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*fresh(inputs))
         except Exception as e:  # shapes only sharpen a few checks; rules refuse without them
             report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
-    return engine.run(gm, max_macs_ratio=ratio)
+    return engine.run(gm, max_macs_ratio=ratio, budget=budget)
 
 
 def _merge_scopes(gm: fx.GraphModule) -> set[str]:
@@ -133,15 +324,40 @@ def _fast_lookup(model: nn.Module):
                 object.__setattr__(m, name, child)
 
 
-def _capture_inputs(module: nn.Module, inputs) -> dict[str, tuple]:
-    """The arguments each direct child gets in one forward, for children called exactly once."""
-    seen: dict[str, list] = {}
-    hooks = [child.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args))
-             for name, child in module.named_children()]
-    try:
-        with torch.no_grad():
-            module(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: calls[0] for name, calls in seen.items() if len(calls) == 1}
+# ---- the post-condition ----
+
+def _postcondition(original: nn.Module, fused: nn.Module, inputs):
+    """What every result of `fuse` must satisfy; a violation is reparam's bug, never returned."""
+    def tensors(m):
+        return [(n, t) for n, t in [*m.named_parameters(), *m.named_buffers()]]
+
+    before = tensors(original)
+    on_meta = any(t.is_meta for _, t in before)
+    kinds = {(t.dtype, t.device.type) for _, t in before if t.is_floating_point()}
+    if not kinds:
+        floats = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        kinds = {(torch.get_default_dtype(), "cpu")} | {(t.dtype, t.device.type) for t in floats}
+    for name, t in tensors(fused):
+        if t.is_meta and not on_meta:
+            raise InternalError(f"reparam: internal error: the fused model's '{name}' is on the meta "
+                                "device (never materialized) — please report")
+        if t.is_floating_point() and (t.dtype, t.device.type) not in kinds:
+            raise InternalError(f"reparam: internal error: the fused model's '{name}' is {t.dtype} on "
+                                f"{t.device}, which the model never had — please report")
+    for m in fused.modules():
+        if isinstance(m, fx.GraphModule):
+            for n in m.graph.nodes:
+                try:
+                    if n.op == "call_module":
+                        m.get_submodule(n.target)
+                    elif n.op == "get_attr":
+                        _attr(m, n.target)
+                except AttributeError:
+                    raise InternalError(f"reparam: internal error: the fused graph calls '{n.target}', "
+                                        "which it does not hold — please report") from None
+
+
+def _attr(m: nn.Module, target: str):
+    for part in target.split("."):
+        m = getattr(m, part)
+    return m

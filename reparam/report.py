@@ -34,6 +34,7 @@ class Report:
     skipped: list[Skip] = field(default_factory=list)
     untraced: list[Untraced] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)  # rewrites the self-check could not evaluate
     before: Stats | None = None
     after: Stats | None = None
     max_rel_error: float | None = None

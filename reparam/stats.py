@@ -62,10 +62,16 @@ def count(model: nn.Module, example_inputs=None) -> Stats:
         convs = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
         bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         return Stats(convs, bns, params, None)
+    return run_counted(model, example_inputs)[0]
+
+
+@torch.no_grad()
+def run_counted(model: nn.Module, example_inputs) -> tuple[Stats, object]:
+    """(what one forward on `example_inputs` runs, its output)."""
     ops = _OpCounter()
     with ops:
-        model(*example_inputs)
-    return Stats(ops.convs, ops.bns, params, float(ops.macs))
+        out = model(*example_inputs)
+    return Stats(ops.convs, ops.bns, count_params(model), float(ops.macs)), out
 
 
 def _sync(device):
