@@ -105,9 +105,8 @@ class _Probes:
         if n in self.values:
             return self.values[n]
         if n.op == "get_attr":
-            v = self.g.const(n)
-            v = v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-        elif is_size(n) and n.op != "placeholder":
+            v = interpret(self.g, n, None)
+        elif n.op != "placeholder" and (is_size(n) or constant(n)):
             v = self.interpret(n, self.outside)
         else:
             v = torch.randn(self.shape_of(n), generator=self.gen, dtype=torch.float64)
@@ -119,7 +118,7 @@ class _Probes:
         if self.shapes == "recorded":
             if recorded is None:
                 raise _Unknown(f"no shape for '{n.name}'")
-            return tuple(int(s) for s in recorded)
+            return self.g.size_hint(n)
         spec = self.hints.get(n)
         if spec is not None:
             return (2, spec.in_channels, *self.size[:spec.nd])
@@ -173,20 +172,53 @@ class _Probes:
         return v
 
     def interpret(self, n: fx.Node, value):
-        args = fx.node.map_arg(n.args, value)
-        kwargs = fx.node.map_arg(n.kwargs, value)
-        if n.op == "call_module":
-            pending = self.g._pending.get(n.target)
-            if pending is not None:
-                return run_spec(pending.spec, args[0] if args else next(iter(kwargs.values())))
-            return functional_call(self.g.module(n), self.g.float64_state(n.target), args, kwargs)
-        if n.op == "call_method":
-            return getattr(args[0], n.target)(*args[1:], **kwargs)
-        if n.op == "call_function":
-            return n.target(*args, **kwargs)
-        if n.op == "get_attr":
-            return self.outside(n)
-        raise _Unknown(f"cannot evaluate '{n.name}' ({n.op})")
+        return interpret(self.g, n, value)
+
+
+def interpret(g: Graph, n: fx.Node, value):
+    """What node `n` computes in float64, its inputs' values given by `value(node)`."""
+    if n.op == "get_attr":
+        v = g.const(n)
+        return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    args = fx.node.map_arg(n.args, value)
+    kwargs = fx.node.map_arg(n.kwargs, value)
+    if n.op == "call_module":
+        pending = g._pending.get(n.target)
+        if pending is not None:
+            return run_spec(pending.spec, args[0] if args else next(iter(kwargs.values())))
+        return functional_call(g.module(n), g.float64_state(n.target), args, kwargs)
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    if n.op == "call_function":
+        return n.target(*args, **kwargs)
+    raise _Unknown(f"cannot evaluate '{n.name}' ({n.op})")
+
+
+def constant(n: fx.Node, memo=None) -> bool:
+    """`n` is computed from the graph's constants and sizes only (no input's values)."""
+    memo = {} if memo is None else memo
+    if n not in memo:
+        memo[n] = False
+        memo[n] = n.op == "get_attr" or is_size(n) or (
+            n.op in ("call_function", "call_method") and bool(n.all_input_nodes)
+            and all(constant(a, memo) for a in n.all_input_nodes))
+    return memo[n]
+
+
+def evaluate(g: Graph, node: fx.Node, known: dict):
+    """`node`'s value in float64 given the values of the nodes in `known` (and the graph's
+    constants); raises where it depends on anything else."""
+    memo = dict(known)
+
+    def value(n: fx.Node):
+        if n not in memo:
+            if n.op == "placeholder":
+                raise _Unknown(f"'{node.name}' depends on the input '{n.name}'")
+            memo[n] = interpret(g, n, value)
+        return memo[n]
+
+    with torch.no_grad():
+        return value(node)
 
 
 def _sizes(news: list[NewConv]) -> tuple[int, ...]:

@@ -241,7 +241,8 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
             gm, outcome = None, None
         elif getattr(gm, "reparam_static", None):
             report.notes.append(f"the exported graph of '{path or '<root>'}' is shape-specialized: it accepts "
-                                f"inputs of shape {', '.join(map(str, gm.reparam_static))} only (* is any size)")
+                                f"inputs of shape {', '.join('(' + ', '.join(map(str, s)) + ')' for s in gm.reparam_static)} only "
+                                "(* is any size)")
     if gm is None:
         if errors:
             report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))

@@ -71,9 +71,15 @@ def _name(node: fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", "")
 
 
+_SYM = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+        torch.ops.aten.sym_storage_offset.default}
+
+
 def is_size(a) -> bool:
     """`a` is no tensor: a size, rank or Python number (read from a tensor), or a constant."""
     if not isinstance(a, fx.Node):
+        return True
+    if a.op == "call_function" and a.target in _SYM:
         return True
     if a.op == "call_function" and a.target is getattr:
         return a.args[1] in SIZE_ATTRS

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from . import algebra
 from .algebra import Affine, ConvSpec, Pool, Reason
@@ -178,12 +179,20 @@ class Graph:
 
     @staticmethod
     def shape(node: fx.Node):
-        """`node`'s output shape where shape propagation or torch.export recorded it."""
+        """`node`'s output shape where shape propagation or torch.export recorded it (sizes
+        torch.export lets vary stay symbolic)."""
         meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape"):
-            return meta.shape
+        shape = meta.shape if meta is not None and hasattr(meta, "shape") else None
         val = node.meta.get("val")
-        return val.shape if isinstance(val, torch.Tensor) else None
+        if shape is None and isinstance(val, torch.Tensor):
+            shape = val.shape
+        return None if shape is None else tuple(int(s) if is_concrete_int(s) else s for s in shape)
+
+    @staticmethod
+    def size_hint(node: fx.Node) -> tuple[int, ...] | None:
+        """`node`'s shape in the example the graph was recorded with."""
+        shape = Graph.shape(node)
+        return None if shape is None else tuple(s if isinstance(s, int) else s.node.hint for s in shape)
 
     def ndim(self, node: fx.Node) -> int | None:
         shape = self.shape(node)

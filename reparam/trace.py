@@ -19,6 +19,7 @@ import operator
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._pytree import tree_map
 
 from . import mutation
@@ -153,13 +154,15 @@ def _copy_at_end(node: fx.Node) -> bool:
 
 
 def _static_sizes(gm: fx.GraphModule) -> list[tuple]:
-    """The input shapes of an exported graph where some size is fixed, else []."""
+    """The input shapes of an exported graph ('*' for a size it lets vary) where it fixes a size
+    other than the channel count (dim 1), else []."""
     shapes = []
     for n in gm.graph.nodes:
         val = n.meta.get("val") if n.op == "placeholder" else None
         if isinstance(val, torch.Tensor):
-            shapes.append(tuple(s if isinstance(s, int) else "*" for s in val.shape))
-    return shapes if any(isinstance(s, int) for shape in shapes for s in shape) else []
+            shapes.append(tuple(int(s) if is_concrete_int(s) else "*" for s in val.shape))
+    fixed = any(isinstance(s, int) for shape in shapes for i, s in enumerate(shape) if i != 1 or len(shape) < 2)
+    return shapes if fixed else []
 
 
 def _canonical_batch_norm(gm: fx.GraphModule):
