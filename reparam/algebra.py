@@ -50,7 +50,8 @@ class ConvSpec:
         return all(k == 1 for k in self.kernel)
 
     def has_bias(self) -> bool:
-        return self.bias is not None and bool(self.bias.ne(0).any())
+        """A bias that is not zero (on the meta device: any bias, values being unknown)."""
+        return self.bias is not None and (self.bias.is_meta or bool(self.bias.ne(0).any()))
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,13 @@ class Affine:
     """y = x * scale + shift along the channel axis. `scale` is (C,) or a 0-dim scalar (any C).
 
     nd: rank of the spatial part, or None where it is not fixed (BatchNorm1d: (N, C) or
-    (N, C, L); a scalar multiply: any). nd == 0 means the channel is the LAST dim."""
+    (N, C, L); a scalar multiply: any). nd == 0 means the channel is the LAST dim.
+    dims: how many dims the constants had (x * c has at least that rank): no more than the
+    tensor's, or the product has another shape."""
     scale: Tensor
     shift: Tensor | None = None
     nd: int | None = None
+    dims: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,19 @@ class Pool:
         return len(self.kernel)
 
 
-Linear = ConvSpec | Affine | Pool
+@dataclass(frozen=True)
+class Crop:
+    """x[..., r:-r, ...]: the spatial border cut off, `crop[i]` on each side of axis i. As a conv:
+    the identity with padding -crop (a conv reading a cropped input is the conv with that much
+    less padding)."""
+    crop: tuple[int, ...]
+
+    @property
+    def nd(self) -> int:
+        return len(self.crop)
+
+
+Linear = ConvSpec | Affine | Pool | Crop
 
 
 def channels(spec: Linear) -> tuple[int | None, int | None]:
@@ -120,6 +136,9 @@ def as_conv(spec: Linear, chans: int, nd: int) -> ConvSpec:
     if isinstance(spec, ConvSpec):
         return spec
     one = (1,) * nd
+    if isinstance(spec, Crop):
+        w = torch.ones(chans, 1, *one, dtype=F64)
+        return ConvSpec(w, None, one, tuple(-c for c in spec.crop), one, chans)
     if isinstance(spec, Pool):
         w = torch.full((chans, 1, *spec.kernel), 1.0 / spec.divisor, dtype=F64)
         return ConvSpec(w, None, spec.stride, spec.padding, one, chans)
@@ -165,29 +184,30 @@ def dense(spec: ConvSpec) -> Tensor:
     return full
 
 
-def grouped(weight: Tensor) -> tuple[Tensor, int]:
-    """The grouped form (weight, groups) of a dense weight, with the most groups that are exact:
-    a block is left out only where every weight in it is zero."""
+def regroup(weight: Tensor, groups: int) -> Tensor:
+    """The grouped weight (out, in // groups, *kernel) of a dense block-diagonal one (its blocks
+    off the diagonal are zero by construction: products and sums of grouped convs)."""
+    if groups == 1:
+        return weight
     out, inp = weight.shape[:2]
-    weight = weight.contiguous()  # reshaped once per candidate below
-    for g in sorted((d for d in range(1, math.gcd(out, inp) + 1) if math.gcd(out, inp) % d == 0),
-                    reverse=True):
-        if g == 1:
-            break
-        blocks = weight.reshape(g, out // g, g, inp // g, -1)
-        if blocks[0, :, 1].any():  # cheap early exit for the common dense case
-            continue
-        nonzero = blocks.ne(0).any(dim=4).any(dim=3).any(dim=1)  # (g, g): which blocks hold weights
-        if not (nonzero & ~torch.eye(g, dtype=torch.bool)).any():
-            return torch.cat([blocks[i, :, i] for i in range(g)]).reshape(out, inp // g, *weight.shape[2:]), g
-    return weight, 1
+    blocks = weight.reshape(groups, out // groups, groups, inp // groups, *weight.shape[2:])
+    return torch.cat([blocks[i, :, i] for i in range(groups)])
 
 
-def _make(weight: Tensor, bias: Tensor | None, stride, padding, dilation, regroup=True) -> ConvSpec:
-    """A spec from a dense weight; `regroup`: look for the block-diagonal structure grouped
-    inputs leave (products and sums of dense convs are dense: no need to look)."""
-    weight, groups = grouped(weight) if weight.dim() > 2 and regroup else (weight, 1)
-    return ConvSpec(weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+def _make(weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int = 1) -> ConvSpec:
+    """A spec from a dense weight that is block-diagonal with `groups` blocks. Groups follow from
+    the structure of what was combined (gcd of the groups), never from the values, so a model
+    and its copy on the meta device fuse to the same structure."""
+    return ConvSpec(regroup(weight, groups), bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def _one_device(*specs: ConvSpec) -> list[ConvSpec]:
+    """The specs with their tensors on one device: the meta device if any is there (constants
+    such as identity kernels are made on the CPU)."""
+    if not any(s.weight.is_meta for s in specs):
+        return list(specs)
+    meta = lambda t: None if t is None else t.to("meta")
+    return [replace(s, weight=meta(s.weight), bias=meta(s.bias)) for s in specs]
 
 
 def _add_bias(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -202,6 +222,7 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
     what b's zero padding would give: b unpadded, or a without bias."""
     if a.nd != b.nd:
         return f"ranks differ ({a.nd}-d then {b.nd}-d)"
+    a, b = _one_device(a, b)
     if a.out_channels != b.in_channels:
         return f"channels differ ({a.out_channels} out, {b.in_channels} in)"
     if _diagonal(b) and not any(b.padding):  # a BN after a conv: scale its output channels
@@ -227,7 +248,7 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
         w = torch.einsum("ogr,gri...->ogi...", mb.reshape(-1, ga, per), wa).flatten(1, 2)
         bias = None if a.bias is None else mb @ a.bias
         stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
-        return _make(w, _add_bias(bias, b.bias), stride, a.padding, a.dilation, a.groups * b.groups > 1)
+        return _make(w, _add_bias(bias, b.bias), stride, a.padding, a.dilation, math.gcd(a.groups, b.groups))
     if a.pointwise() and all(s == 1 for s in a.stride):
         if any(b.padding) and a.has_bias():
             return ("a bias before a zero-padded conv: the padded border would get the bias "
@@ -240,7 +261,7 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Reason:
         bias = None if a.bias is None else \
             torch.einsum("gor...,gr->go", wb, a.bias.reshape(gb, -1)).flatten()
         padding = tuple(pa + pb for pa, pb in zip(a.padding, b.padding))
-        return _make(w, _add_bias(bias, b.bias), b.stride, padding, b.dilation, a.groups * b.groups > 1)
+        return _make(w, _add_bias(bias, b.bias), b.stride, padding, b.dilation, math.gcd(a.groups, b.groups))
     if not b.pointwise():
         return (f"a {_kstr(a)} conv then a {_kstr(b)} conv: only a 1×1 stride-1 first conv or "
                 "a 1×1 unpadded second conv compose exactly")
@@ -330,6 +351,7 @@ def add(specs: list[ConvSpec]) -> ConvSpec | Reason:
     Zero padding then a bias added after the conv is exact whatever the padding, so biases sum."""
     if len({s.in_channels for s in specs}) > 1 or len({s.out_channels for s in specs}) > 1:
         return f"branch channels differ {sorted({(s.in_channels, s.out_channels) for s in specs})}"
+    specs = _one_device(*specs)
     placed = _placed(specs, grouped_ok=True)
     if isinstance(placed, str):
         return placed
@@ -337,13 +359,14 @@ def add(specs: list[ConvSpec]) -> ConvSpec | Reason:
     bias = reduce(_add_bias, [s.bias for s in specs])
     if len({s.groups for s in specs}) == 1:
         return ConvSpec(sum(weights), bias, specs[0].stride, pad, dil, specs[0].groups)
-    return _make(sum(weights), bias, specs[0].stride, pad, dil)
+    return _make(sum(weights), bias, specs[0].stride, pad, dil, reduce(math.gcd, [s.groups for s in specs]))
 
 
 def concat(specs: list[ConvSpec]) -> ConvSpec | Reason:
     """The single conv equal to the channel concatenation of `specs` on one input."""
     if len({s.in_channels for s in specs}) > 1:
         return "branches read different channel counts"
+    specs = _one_device(*specs)
     # group j of each branch reads the same inputs, but the outputs land apart: dense
     placed = _placed(specs, grouped_ok=False)
     if isinstance(placed, str):

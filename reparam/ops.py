@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from . import algebra
-from .algebra import Affine, ConvSpec, Pool, Reason
+from .algebra import Affine, ConvSpec, Crop, Pool, Reason
 from .nn import BNAndPad, ChannelAffine
 
 aten = torch.ops.aten
@@ -145,6 +145,7 @@ class Graph:
         held = [t for t in [*self.gm.parameters(), *self.gm.buffers()] if t.is_floating_point()]
         self.dtype = held[0].dtype if held else torch.get_default_dtype()
         self.device = held[0].device if held else torch.device("cpu")
+        infer_ranks(self.gm.graph, self.modules)
 
     # ---- reading ----
     def float64_state(self, name: str) -> dict[str, torch.Tensor]:
@@ -195,8 +196,9 @@ class Graph:
         return None if shape is None else tuple(s if isinstance(s, int) else s.node.hint for s in shape)
 
     def ndim(self, node: fx.Node) -> int | None:
+        """`node`'s rank: recorded with example inputs, else implied by the model (`infer_ranks`)."""
         shape = self.shape(node)
-        return None if shape is None else len(shape)
+        return len(shape) if shape is not None else node.meta.get("reparam_rank")
 
     def channels(self, node: fx.Node, nd: int) -> int | None:
         """The channel count of `node`'s output (dim 1, or the last dim where nd == 0), if known."""
@@ -275,6 +277,8 @@ class Graph:
                               arg(node, 4, "ceil_mode", False),
                               arg(node, 5, "count_include_pad", True),
                               arg(node, 6, "divisor_override"))
+        if t is operator.getitem or t is aten.slice.Tensor:
+            return self._crop(node, t)
         if t in MUL or t in DIV or t in NEG:
             return self._scale(node, t)
         if t in ADD or t in SUB:
@@ -369,6 +373,29 @@ class Graph:
                     "elements: not a convolution")
         return Pool(k, s, p, float(divisor or math.prod(k))), x
 
+    def _crop(self, node, t):
+        """x[:, :, r:-r, ...] (every entry given) or aten.slice(x, dim, r, -r): a Crop."""
+        x = node.args[0]
+        if not isinstance(x, fx.Node) or not static(*node.args[1:]):
+            return None
+        rank = self.ndim(x)
+        if t is operator.getitem:
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            rank = rank or len(idx)
+            if len(idx) != rank or rank < 3 or not all(isinstance(i, slice) for i in idx):
+                return None
+            cuts = [_cut(i.start, i.stop, i.step) for i in idx]
+        else:
+            if rank is None:
+                return None
+            dim, start, end, step = (list(node.args[1:]) + [0, None, 1])[:4]
+            cuts = [0] * rank
+            hint = self.size_hint(x)
+            cuts[dim % rank] = _cut(start, end, step, hint[dim % rank] if hint else None)
+        if rank < 3 or any(c is None for c in cuts) or cuts[0] or cuts[1] or not any(cuts):
+            return None
+        return Crop(tuple(cuts[2:])), x
+
     def _scale(self, node, t):
         args = [a for a in node.args[:2]]
         if t in NEG:
@@ -381,10 +408,11 @@ class Graph:
             if consts[0] is not None or consts[1] is None or not isinstance(args[0], fx.Node):
                 return None
             c = consts[1]
-            return _affine(1.0 / (c.double() if isinstance(c, torch.Tensor) else float(c)), None), args[0]
+            return _affine(1.0 / (c.double() if isinstance(c, torch.Tensor) else float(c)), None,
+                           self.shape(args[0])), args[0]
         for i in (0, 1):
             if consts[1 - i] is not None and isinstance(args[i], fx.Node) and consts[i] is None:
-                return _affine(consts[1 - i], None), args[i]
+                return _affine(consts[1 - i], None, self.shape(args[i])), args[i]
         return None
 
     def _shift(self, node, t):
@@ -394,9 +422,9 @@ class Graph:
         a, b = node.args
         ca, cb = self.const(a), self.const(b)
         if isinstance(a, fx.Node) and ca is None and cb is not None:
-            return _affine(1.0, cb if t in ADD else -cb), a
+            return _affine(1.0, cb if t in ADD else -cb, self.shape(a)), a
         if isinstance(b, fx.Node) and cb is None and ca is not None and t in ADD:
-            return _affine(1.0, ca), b
+            return _affine(1.0, ca, self.shape(b)), b
         return None
 
     def held(self, nodes) -> list[tuple[torch.dtype, torch.device, bool]]:
@@ -452,13 +480,15 @@ class Graph:
         for new in rw.substitute:
             node = self._add_conv(new, min(new.replaces, key=order.__getitem__))
             old = new.replaces[0]
-            node.meta.update({k: old.meta[k] for k in ("tensor_meta", "val") if k in old.meta})
+            node.meta.update({k: old.meta[k] for k in ("tensor_meta", "val", "reparam_rank") if k in old.meta})
             self._replace_uses(old, node)
             made[old] = node
         for term, coef in rw.terms:
             if isinstance(term, NewConv):
                 # where the first op it replaces was: it reads the value that op read
                 node = self._add_conv(term, min(term.replaces, key=order.__getitem__))
+                if "reparam_rank" in out.meta:
+                    node.meta["reparam_rank"] = out.meta["reparam_rank"]
                 made.update((r, node) for r in term.replaces)
                 term = node
             elif isinstance(term, Constant):
@@ -467,7 +497,7 @@ class Graph:
             vals.append((term, coef))
         with graph.inserting_before(out):
             result = self._combine(vals, rw.cat_dim)
-        for key in ("tensor_meta", "val"):
+        for key in ("tensor_meta", "val", "reparam_rank"):
             if key in out.meta and key not in result.meta:
                 result.meta[key] = out.meta[key]
         self._replace_uses(out, result)
@@ -602,6 +632,58 @@ class Pending:
         return m
 
 
+# layers whose output has their input's rank; those that also fix it
+_SAME_RANK = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.pooling._AvgPoolNd,
+              nn.modules.pooling._MaxPoolNd, nn.Upsample, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish,
+              nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Mish, nn.ELU, nn.PReLU, ChannelAffine,
+              *IDENTITY_MODULES)
+_FIXED_RANK = ((nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))  # they raise on any other rank
+_SAME_RANK_FNS = {F.relu, F.relu6, F.hardswish, F.silu, F.gelu, F.leaky_relu, torch.relu, torch.sigmoid,
+                  torch.tanh, F.interpolate, F.batch_norm, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.pad,
+                  *CONV_FNS, *DROPOUT_FNS}
+_SAME_RANK_METHODS = {"relu", "sigmoid", "tanh", "clamp", "contiguous", "clone", "detach", "float", "to"}
+
+
+def infer_ranks(graph: fx.Graph, modules: dict):
+    """Ranks the model itself implies, without example inputs: a BatchNorm2d's input is 4-D,
+    and so is whatever reaches it through ops that keep ranks (convs, activations, pools,
+    sums with numbers, channel concatenations). Stored as node.meta['reparam_rank']."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(n):
+        while parent.get(n, n) is not n:
+            n = parent[n]
+        return n
+
+    def join(a, b):
+        parent[find(a)] = find(b)
+
+    seeds = {}
+    for n in graph.nodes:
+        x = source(n) if n.op in ("call_module", "call_function", "call_method") else None
+        if not isinstance(x, fx.Node):
+            continue
+        m = modules.get(n.target) if n.op == "call_module" else None
+        keeps = (isinstance(m, _SAME_RANK) or (n.op == "call_function" and _hashable(n.target) in _SAME_RANK_FNS)
+                 or (n.op == "call_method" and n.target in _SAME_RANK_METHODS)
+                 or ((is_op(n, ADD) or is_op(n, SUB) or is_op(n, MUL)) and len(n.args) == 2
+                     and not any(isinstance(a, fx.Node) for a in n.args[1:])))
+        if keeps:
+            join(n, x)
+        if is_op(n, CAT) and isinstance(n.args[0], (list, tuple)):
+            for t in n.args[0]:
+                if isinstance(t, fx.Node):
+                    join(n, t)
+        for cls, rank in _FIXED_RANK:
+            if isinstance(m, cls):
+                seeds[n] = rank
+    ranks = {find(n): r for n, r in seeds.items()}
+    for n in graph.nodes:
+        r = ranks.get(find(n))
+        if r is not None:
+            n.meta["reparam_rank"] = r
+
+
 def module_path(node: fx.Node) -> str:
     """The module a node belongs to, as a dotted path ('' for the root)."""
     if node.op == "call_module":
@@ -655,27 +737,48 @@ def _reads_meta(user: fx.Node, node: fx.Node, shape_too: bool) -> bool:
     return False
 
 
-def _affine(c, shift):
-    """Affine of a multiplier c (number or tensor) and optional shift: per-channel or scalar."""
+def _affine(c, shift, x_shape=None):
+    """Affine of a multiplier c (number or tensor) and optional shift, applied to a tensor of
+    shape `x_shape` (where known): per-channel (dim 1, or the last dim: nd == 0) or scalar; None
+    where the constants broadcast the tensor to another shape or scale another axis."""
     scale = torch.as_tensor(c, dtype=torch.float64)
-    nd = None
-    if scale.numel() == 1 and (shift is None or torch.as_tensor(shift).numel() == 1):
-        scale = scale.reshape(())
-        if shift is not None:
-            return Affine(scale, torch.as_tensor(shift, dtype=torch.float64).reshape(()), None)
-        return Affine(scale, None, None)
-    shape = scale.shape if scale.numel() > 1 else torch.as_tensor(shift).shape
-    big = [i for i, s in enumerate(shape) if s != 1]
+    shift = None if shift is None else torch.as_tensor(shift, dtype=torch.float64)
+    shape = torch.broadcast_shapes(scale.shape, shift.shape if shift is not None else ())
+    if x_shape is not None:
+        rank = len(x_shape)
+        aligned = (1,) * (rank - len(shape)) + tuple(shape)
+        if len(shape) > rank or any(a != 1 and a != s for a, s in zip(aligned, x_shape)):
+            return None  # the result would not have x's shape
+    big = [i for i, n in enumerate(shape) if n != 1]
+    if not big:
+        return Affine(scale.reshape(()), None if shift is None else shift.reshape(()), None, len(shape))
     if len(big) != 1:
         return None
-    nd = len(shape) - big[0] - 1  # where the channel axis lands when broadcasting from the right
+    trailing = len(shape) - big[0] - 1  # dims after the channel axis, broadcasting from the right
+    if x_shape is not None:
+        axis = len(x_shape) - 1 - trailing
+        if axis not in (1, len(x_shape) - 1):
+            return None  # scales an axis that is not the channels
+        trailing = len(x_shape) - 2 if axis == 1 else 0
     chans = shape[big[0]]
-    scale = scale.reshape(-1).expand(chans).clone() if scale.numel() in (1, chans) else None
-    if scale is None:
-        return None
+    scale = scale.reshape(-1).expand(chans).clone()
     if shift is not None:
-        shift = torch.as_tensor(shift, dtype=torch.float64).reshape(-1).expand(chans).clone()
-    return Affine(scale, shift, nd)
+        shift = shift.reshape(-1).expand(chans).clone()
+    return Affine(scale, shift, trailing, len(shape))
+
+
+def _cut(start, stop, step, size=None) -> int | None:
+    """r for a symmetric crop start:stop (r:-r, or r:size-r), 0 for the whole axis, else None."""
+    if step not in (None, 1):
+        return None
+    start = start or 0
+    if stop is None or (size is not None and stop >= size) or stop == 9223372036854775807:
+        return 0 if start == 0 else None
+    if stop < 0 and start == -stop:
+        return start
+    if size is not None and stop == size - start and start > 0:
+        return start
+    return None
 
 
 def _tuple(v, nd):

@@ -329,9 +329,10 @@ def parallel_sums(draw, n_min=2, n_max=4, styles=SUM_STYLES, kinds=None):
 
 
 @st.composite
-def concats(draw, n_min=2, n_max=4):
+def concats(draw, n_min=2, n_max=4, dims=(1, -3)):
     """Block: 2–4 aligned branches of one input concatenated along channels (dim 1 or -3),
-    possibly with the bare input as a part. Fuses to exactly one conv and no BN."""
+    possibly with the bare input as a part. Fuses to exactly one conv and no BN (dim 1: given
+    example inputs, which show that the input is batched)."""
     cin, cout, stride, offset = draw(aligned())
     n = draw(st.integers(n_min, n_max))
     bs = []
@@ -340,7 +341,7 @@ def concats(draw, n_min=2, n_max=4):
         bs.append(draw(branches(cin, c, stride, offset, kinds=["conv", "identity", "dbb_1x1_kxk"])))
     assume(any(_carries_channels(b) for b in bs))
     mods, order = wire(bs, draw(st.permutations(range(n))))
-    return Block(Cat(mods, order, draw(st.sampled_from([1, -3]))), cin)
+    return Block(Cat(mods, order, draw(st.sampled_from(dims))), cin)
 
 
 # ---- sequential blocks (test_rules_sequential) ----

@@ -1,4 +1,6 @@
 """Each algebra identity against the layers it replaces (pure tensors, no fx)."""
+import math
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
@@ -105,12 +107,23 @@ def test_pool_as_depthwise_conv():
     assert close(run(algebra.as_conv(pool, 3, 2), x), ref)
 
 
-def test_grouped_recovers_block_diagonal_structure():
+def test_regroup_undoes_dense():
     spec = algebra.conv_spec(torch.randn(8, 2, 3, 3, dtype=F64), None, 1, 1, 1, groups=4)
-    w, g = algebra.grouped(algebra.dense(spec))
-    assert g == 4 and torch.equal(w, spec.weight)
-    w, g = algebra.grouped(torch.randn(8, 8, 3, 3, dtype=F64))
-    assert g == 1
+    assert torch.equal(algebra.regroup(algebra.dense(spec), 4), spec.weight)
+
+
+@given(st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2, 4, 8]), st.booleans())
+def test_groups_of_a_composition_are_the_gcd_and_exact(ga, gb, pointwise_second):
+    """Merged groups come from the structure (gcd), not from the values: the same for a model
+    and its meta-device copy; exact (a wrong gcd would drop blocks that hold weights)."""
+    a = algebra.conv_spec(torch.randn(8, 8 // ga, 3 if pointwise_second else 1, 3 if pointwise_second else 1,
+                                      dtype=F64), None, 1, 1 if pointwise_second else 0, 1, ga)
+    b = algebra.conv_spec(torch.randn(8, 8 // gb, 1 if pointwise_second else 3, 1 if pointwise_second else 3,
+                                      dtype=F64), None, 1, 0, 1, gb)
+    merged = algebra.compose(a, b)
+    assert merged.groups == math.gcd(ga, gb)
+    x = torch.randn(2, 8, 7, 9, dtype=F64)
+    assert close(run(merged, x), run(b, run(a, x)))
 
 
 def test_compose_refuses_two_kxk():

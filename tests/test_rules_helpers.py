@@ -1,10 +1,15 @@
 """The helper rules: AvgPool as a depthwise conv, multiplication by constants, channel concat,
 eval-mode Dropout/Identity removal, Linear → BatchNorm1d."""
+import torch
 from hypothesis import given
+from torch import nn
 
-from strategies import (cases, concats, counts, dbb_pool_branch, fuse_checked, fuses_to_one_conv, identity_plus_pool,
+import reparam
+from reparam.testing import assert_equivalent
+
+from strategies import (Cat, cases, concats, counts, dbb_pool_branch, fuse_checked, fuses_to_one_conv, identity_plus_pool,
                         linear_bn, pointwise_then_pool, scaled_branches, scaled_convs, sum_with_pool,
-                        skipped, with_identities)
+                        randomize, skipped, with_identities)
 
 
 # ---- AvgPool ----
@@ -46,9 +51,29 @@ def test_sum_of_scaled_branches_is_one_conv(case):
 
 # ---- concat ----
 
-@given(cases(concats()))
+@given(cases(concats(dims=(-3,))) | cases(concats(dims=(1,)), with_inputs=True))
 def test_concat_of_aligned_branches_is_one_conv(case):
     fuses_to_one_conv(case, nothing_else=True)
+
+
+@given(cases(concats(dims=(1,)), with_inputs=False))
+def test_concat_along_dim_1_is_channels_only_where_the_input_is_known_batched(case):
+    """cat(dim=1) is a channel concat of (N, C, H, W), not of an unbatched (C, H, W). Without
+    example inputs it merges only where the model shows the input is batched (a BatchNorm2d on
+    the way), else it is refused and the report says why."""
+    fused, report = fuse_checked(case)
+    given = reparam.fuse(case.model, (case.x,), max_macs_ratio=case.max_macs_ratio)
+    if counts(fused, case.x)[0] > counts(given, case.x)[0]:
+        assert skipped(report, "only if the input is batched"), str(report)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in case.model.modules())
+
+
+def test_concat_of_an_unbatched_input_along_dim_1_is_not_channels():
+    model = randomize(Cat([nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)], [0, 1], 1), 0).eval()
+    x = torch.randn(3, 7, 9)  # (C, H, W): dim 1 is the height
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert_equivalent(model, fused, x)
+    assert counts(fused, x) == (2, 0) and skipped(report, "not channels"), str(report)
 
 
 # ---- eval-mode Dropout / Identity ----

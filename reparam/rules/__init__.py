@@ -7,7 +7,7 @@ from .pad import pad_border
 from .parallel import merge_concat, merge_sum
 from .sequential import merge_sequential
 from .simplify import fold_constants, remove_identity
-from .views import fold_through_flatten, undo_reshape
+from .views import fold_through_flatten, fold_through_permute, undo_reshape
 
 RULES = [fold_constants, remove_identity, undo_reshape, pad_border, merge_sequential, merge_sum, merge_concat, fold_into_sum,
-         fold_through_flatten]
+         fold_through_flatten, fold_through_permute]

@@ -35,10 +35,15 @@ def common_rank(specs: list, ndim: int | None) -> int | Reason:
         if nd == 0 and None in ranks and ndim != 2:
             # BatchNorm1d normalizes dim 1, a Linear maps the last dim: the same only on 2-D input
             return "a BatchNorm1d beside a Linear is exact only on 2-D input (pass example_inputs)"
-        return nd
-    if ndim is not None:
-        return max(ndim - 2, 0)
-    return "rank unknown (pass example_inputs)"
+    elif ndim is not None:
+        nd = max(ndim - 2, 0)
+    else:
+        return "rank unknown (pass example_inputs)"
+    # a constant of more dims than the tensor broadcasts it up (shapes unknown: taken batched)
+    most = ndim if ndim is not None else nd + 2
+    if any(isinstance(s, Affine) and s.dims > most for s in specs):
+        return f"a constant of more dims than the {most}-d tensor it multiplies would broadcast it to another shape"
+    return nd
 
 
 def then(a, b, ndim: int | None) -> tuple[ConvSpec, ConvSpec, ConvSpec] | Reason:

@@ -163,10 +163,10 @@ def merge_concat(node: fx.Node, g: Graph):
     for src, branches in runs:
         specs = [b.spec for b in branches if b.spec is not None]
         nd = common_rank(specs, g.ndim(src)) if specs else None
-        ok_dim = isinstance(nd, int) and (dim in (1, -(nd + 1)) if nd > 0 else dim == -1)
-        if len(branches) < 2 or not specs or not ok_dim:
-            if specs and len(branches) > 1 and not ok_dim and isinstance(nd, int):
-                refusal = refusal or Refusal("merge_concat", node, f"concatenation along dim {dim}, not channels")
+        why = _channel_dim(dim, nd, g.ndim(src)) if isinstance(nd, int) else "rank unknown"
+        if len(branches) < 2 or not specs or why:
+            if specs and len(branches) > 1 and why and isinstance(nd, int):
+                refusal = refusal or Refusal("merge_concat", node, why)
             result += [(b.nodes[0], 1.0) for b in branches]
             continue
         spec = _merge(g, src, branches, "merge_concat", node, cat=True)
@@ -184,3 +184,17 @@ def merge_concat(node: fx.Node, g: Graph):
         return Rewrite("merge_concat", node, result, erase, f"{len(items)} branches → 1")
     return Rewrite("merge_concat", node, result, erase, f"{len(items)} tensors → {len(result)}",
                    cat_dim=dim)
+
+
+def _channel_dim(dim: int, nd: int, rank: int | None) -> str | None:
+    """Why concatenating along `dim` is not along channels for ops of spatial rank `nd` on a
+    tensor of rank `rank` (None where unknown), or None. Channels are the last dim of a
+    Linear's input and dim -(nd + 1) of a conv's, batched (N, C, ...) or not (C, ...)."""
+    if nd == 0:
+        return None if dim == -1 or (rank is not None and dim == rank - 1) else f"concatenation along dim {dim}, not features"
+    if rank is None:
+        if dim == -(nd + 1):
+            return None
+        return (f"concatenation along dim {dim} is along channels only if the input is batched "
+                f"(pass example_inputs, or write dim={-(nd + 1)})") if dim == 1 else f"concatenation along dim {dim}, not channels"
+    return None if dim % rank == rank - nd - 1 else f"concatenation along dim {dim}, not channels"
