@@ -3,8 +3,8 @@
     fused = reparam.fuse(model)                   # eval-mode, same function, fewer convs
     print(reparam.explain(model, (x,)))           # what was merged, what was left alone and why
 """
-from .fuse import explain, fuse, fuse_with_report
+from .fuse import InternalError, explain, fuse, fuse_with_report
 from .report import Report
 from .stats import Stats, count
 
-__all__ = ["Report", "Stats", "count", "explain", "fuse", "fuse_with_report"]
+__all__ = ["InternalError", "Report", "Stats", "count", "explain", "fuse", "fuse_with_report"]

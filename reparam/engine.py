@@ -30,6 +30,7 @@ class Budget:
 class Outcome:
     applied: list[report.Rewrite] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
+    faults: list[Refusal] = field(default_factory=list)  # a rule raised, or its rewrite was not exact
     unchecked: list[str] = field(default_factory=list)  # rewrites the self-check could not evaluate
     passes: int = 0
 
@@ -101,6 +102,9 @@ def run(gm: fx.GraphModule, rules=None, max_passes: int = 100, max_macs_ratio: f
                         break
                     if isinstance(result, Refusal):
                         refused.setdefault((result.rule, result.node, result.reason), result)
+                        if result.reason.startswith(("internal error in", "not exact here")) and \
+                                result not in out.faults:
+                            out.faults.append(result)
             if not changed:
                 out.refused = list(refused.values())
                 break

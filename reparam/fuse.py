@@ -253,6 +253,7 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
     report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
     report.skipped += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.refused]
     report.unchecked += [f"{prefix}{u}" for u in outcome.unchecked]
+    report.faults += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.faults]
     if not outcome.applied and not _has_hooked(gm):
         return module  # nothing merged: the module itself is exact, and keeps its class
     for name, value in vars(module).items():  # what the caller may read: `self.attn.resolution`

@@ -35,6 +35,7 @@ class Report:
     untraced: list[Untraced] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)  # rewrites the self-check could not evaluate
+    faults: list[Skip] = field(default_factory=list)  # a rule raised or proposed a wrong rewrite: refused
     before: Stats | None = None
     after: Stats | None = None
     max_rel_error: float | None = None
@@ -53,6 +54,9 @@ class Report:
         if self.skipped:
             lines.append(f"\n{len(self.skipped)} places left alone:")
             lines += [f"  {s.rule:<17} {s.path:<40} {s.reason}" for s in self.skipped]
+        if self.faults:
+            lines.append(f"\n{len(self.faults)} rewrites refused as rule faults (please report):")
+            lines += [f"  {s.rule:<17} {s.path:<40} {s.reason}" for s in self.faults]
         if self.untraced:
             lines.append(f"\n{len(self.untraced)} modules could not be traced (their children were fused one by one):")
             lines += [f"  {u.path:<40} {u.message}" for u in self.untraced]

@@ -877,7 +877,15 @@ def fuse_checked(case: Case, rtol: float | None = None):
     note(str(report))
     note(f"fused graph:\n{getattr(fused, 'code', fused)}")
     assert_equivalent(case.model, fused, case.x, rtol=rtol if rtol is not None else TOL[case.x.dtype])
+    check_vetted(report)
     return fused, report
+
+
+def check_vetted(report):
+    """No rule raised, the self-check evaluated every rewrite, no rewrite was wrong."""
+    assert not report.faults, str(report)
+    assert not report.unchecked, report.unchecked
+    assert not [n for n in report.notes if "undone" in n or "please report" in n], report.notes
 
 
 def check_low_precision(case: Case, dtype: torch.dtype):

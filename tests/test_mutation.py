@@ -1,0 +1,171 @@
+"""Mutation is data flow: in-place writes of every kind fuse to the same function (issue 10,
+item 1), with and without example inputs, and the inputs are written as the model writes them."""
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import reparam
+from reparam import mutation, trace
+
+from strategies import randomize
+
+
+def conv_bn(cin=3, cout=3, k=3):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class Idiom(nn.Module):
+    """conv-BN branches around one in-place idiom (`self.how`), in the spellings of other code."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b = conv_bn(), conv_bn(3, 3, 1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        how = self.how
+        if how == "conv-then-input-relu_":  # a new conv must read x before the write
+            y = self.a(x)
+            x.relu_()
+            return y + x
+        if how == "relu-module-inplace":  # nn.ReLU(inplace=True) rectifies the branch tensor itself
+            s = self.a(x)
+            self.relu(s)
+            return s + self.b(x)
+        if how == "F.relu-inplace":
+            s = self.a(x)
+            F.relu(s, inplace=True)
+            return s + self.b(x)
+        if how == "hardswish-inplace":
+            s = self.a(x)
+            F.hardswish(s, inplace=True)
+            return s + self.b(x)
+        if how == "alias-iadd":  # y = x; y += t: fx alone records a plain add, x stays unwritten
+            y = self.a(x)
+            z = y
+            z += self.b(x)
+            return y
+        if how == "add_-clamp_":
+            y = self.a(x)
+            y.add_(self.b(x)).clamp_(-0.5, 0.5)
+            return y
+        if how == "clone-then-source-written":  # the copy must stay
+            y = x.clone()
+            x.mul_(2)
+            return self.a(y) + self.b(x)
+        if how == "clone-written":
+            y = x.clone()
+            y.mul_(3)
+            return self.a(y) + self.b(x)
+        if how == "plus-zero-written":
+            y = x + 0
+            y.sub_(1)
+            return self.a(x) + y
+        if how == "cat-one-written":
+            y = torch.cat([x])
+            y.relu_()
+            return self.a(x) + y
+        if how == "contiguous-written":
+            y = x.contiguous()  # the input itself: the write reaches x
+            y.mul_(0.5)
+            return self.a(x) + self.b(x)
+        if how == "reshape_as-round-trip-written":
+            f = self.a(x)
+            z = f.flatten(1).reshape_as(f)
+            f.mul_(2)  # z may share f's storage: refused by symbolic tracing, exported with inputs
+            return z + self.b(x)
+        if how == "view-written":
+            y = self.a(x)
+            v = y.view(y.shape[0], -1)
+            v.mul_(-1)
+            return y + self.b(x)
+        if how == "slice-assign":
+            y = self.a(x)
+            y[:, :1] = self.b(x)[:, :1]
+            return y
+        if how == "index_put_":
+            y = self.a(x)
+            idx = torch.tensor([0, 2])
+            y.index_put_((torch.arange(1), idx), torch.tensor(0.5))
+            return y + self.b(x)
+        if how == "copy_":
+            y = self.a(x)
+            y.copy_(self.b(x))
+            return y * 2
+        if how == "writes-its-input":
+            x.sub_(0.5)
+            return self.a(x)
+        raise ValueError(how)
+
+
+IDIOMS = ["conv-then-input-relu_", "relu-module-inplace", "F.relu-inplace", "hardswish-inplace", "alias-iadd",
+          "add_-clamp_", "clone-then-source-written", "clone-written", "plus-zero-written", "cat-one-written",
+          "contiguous-written", "reshape_as-round-trip-written", "view-written", "slice-assign", "index_put_",
+          "copy_", "writes-its-input"]
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["no-inputs", "inputs"])
+@pytest.mark.parametrize("how", IDIOMS)
+def test_in_place_idioms_fuse_to_the_same_function(how, with_inputs):
+    model = randomize(Idiom(how), 0).eval()
+    x = torch.randn(2, 3, 7, 9)
+    fused, report = reparam.fuse_with_report(model, (x,) if with_inputs else None)
+    for shape in [(2, 3, 7, 9), (1, 3, 11, 5)]:
+        a = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        b = a.clone()
+        with torch.no_grad():
+            want, got = model(a), fused(b)
+        assert reparam.testing.rel_error(want, got) <= 1e-5, str(report)
+        assert torch.equal(a, b), "the fused model writes its input differently"
+    assert reparam.count(fused, (x,)).bns <= reparam.count(model, (x,)).bns
+
+
+def test_plain_fx_mistraces_an_alias_write_and_ours_does_not():
+    """`y = x; y += t`: torch.fx records `y + t` and the write into x is gone."""
+    class M(nn.Module):
+        def forward(self, x, t):
+            y = x
+            y += t
+            return x
+    x, t = torch.randn(3), torch.randn(3)
+    assert not torch.equal(fx.symbolic_trace(M())(x.clone(), t), x + t)  # the defect
+    assert torch.equal(trace.symbolic(M(), 2)(x.clone(), t), x + t)
+
+
+def test_functionalized_graph_writes_nothing_but_its_inputs_at_the_end():
+    gm = trace.symbolic(Idiom("writes-its-input").eval())
+    writes = [n for n in gm.graph.nodes if mutation.written(n, dict(gm.named_modules())) is not None]
+    assert [(n.target, n.next.op) for n in writes] == [("copy_", "output")]
+
+
+def test_write_through_a_maybe_view_read_later_is_refused_with_a_reason():
+    with pytest.raises(mutation.Refused, match="may or may not share memory"):
+        trace.symbolic(Idiom("reshape_as-round-trip-written").eval())
+
+
+def test_writing_a_parameter_in_forward_is_refused_by_symbolic_tracing():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+            self.conv = conv_bn()
+
+        def forward(self, x):
+            self.calls += 1
+            return self.conv(x) * self.calls
+    with pytest.raises(mutation.Refused, match="writes one of the model's parameters or buffers"):
+        trace.symbolic(Counter().eval())
+
+
+def test_inplace_operators_are_recorded_by_the_tracer():
+    class M(nn.Module):
+        def forward(self, x):
+            x[:, 0] = 1.0
+            x *= 2
+            return x
+    gm = fx.GraphModule(nn.Module(), trace.ConcreteParamTracer().trace(M()))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [operator.setitem, operator.imul]
