@@ -14,6 +14,9 @@ from dataclasses import replace
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import remove_spectral_norm, remove_weight_norm
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import engine, trace, usage
@@ -66,7 +69,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = F
     """Fuse `model` (see `fuse`) and say what was done, what was left alone and why."""
     inputs = _check(model, example_inputs, max_macs_ratio)
     training = model.training
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else _copy(model)
     work.eval()
     with torch.no_grad():
         _prepare(work, inputs)
@@ -112,20 +115,31 @@ def explain(model: nn.Module, example_inputs=None, *, max_macs_ratio: float = 1.
 
 # ---- preparing the copy ----
 
+def _norm_hooks(model: nn.Module):
+    """(module, hook) for each legacy weight_norm / spectral_norm hook: a weight computed in a
+    pre-hook from other parameters."""
+    return [(m, h) for m in model.modules() for h in list(m._forward_pre_hooks.values())
+            if isinstance(h, (WeightNorm, SpectralNorm))]
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy; the weights legacy weight_norm computes (not leaves: deepcopy refuses them)
+    are copied as plain tensors, to be computed again in `_prepare`."""
+    memo = {}
+    for m, hook in _norm_hooks(model):
+        t = getattr(m, hook.name, None)
+        if isinstance(t, torch.Tensor) and not t.is_leaf:
+            memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def _prepare(work: nn.Module, inputs):
     """Make the copy's weights plain: lazy modules initialized (one forward on the example
     inputs), legacy weight_norm / spectral_norm hooks turned into the weights they compute."""
     if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in work.modules()):
         work(*fresh(inputs))
-    from torch.nn.utils import remove_spectral_norm, remove_weight_norm
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-    for m in work.modules():
-        for hook in list(m._forward_pre_hooks.values()):
-            if isinstance(hook, WeightNorm):
-                remove_weight_norm(m, hook.name)
-            elif isinstance(hook, SpectralNorm):
-                remove_spectral_norm(m, hook.name)
+    for m, hook in _norm_hooks(work):
+        (remove_weight_norm if isinstance(hook, WeightNorm) else remove_spectral_norm)(m, hook.name)
 
 
 # ---- the whole-model check ----
@@ -264,20 +278,29 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
     return gm
 
 
-def _fuse_children(module, inputs, path, report, ratio, scopes, budget) -> nn.Module:
+def _fuse_children(module, inputs, path, report, ratio, scopes, budget, observed=None,
+                   elements_loose=False) -> nn.Module:
     """A shallow copy of `module` (same class, code, hooks and attributes) with its children
-    fused; a child the module uses as a collection (see `usage`) keeps its class too."""
+    fused; a child the module uses as a collection (see `usage`) keeps its class too.
+    observed: ids of the modules seen used as collections (with example inputs), else read from
+    the source; elements_loose: the parent reaches into this module's children themselves."""
+    child_inputs = {}
     if inputs is not None:
-        child_inputs, loose = usage.observe(module, fresh(inputs))
+        child_inputs, observed = usage.observe(module, fresh(inputs))
+    if observed is not None:
+        loose = {name for name, c in module.named_children() if id(c) in observed}
+        deep = loose
+    elif elements_loose:
+        loose = deep = {name for name, _ in module.named_children()}
     else:
-        child_inputs, loose = {}, usage.from_source(module)
+        loose, deep = usage.from_source(module)
     out = copy.copy(module)
     out._modules = type(module._modules)(module._modules)
     for name, child in module.named_children():
         sub = f"{path}.{name}" if path else name
         if name in loose:  # keeps its class; its children are fused
-            fused = _fuse_children(child, None, sub, report, ratio, scopes, budget) if list(child.children()) \
-                else child
+            fused = _fuse_children(child, None, sub, report, ratio, scopes, budget, observed, name in deep) \
+                if list(child.children()) else child
         else:
             fused = _fuse(child, child_inputs.get(name), sub, report, ratio, scopes, budget)
         out._modules[name] = fused

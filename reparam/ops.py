@@ -450,7 +450,8 @@ class Graph:
         held = [h for h in held if h[2]] or held
         kinds = {(d, dev) for d, dev, _ in held}
         if len(kinds) > 1:
-            return f"the ops hold tensors of different dtypes or devices {sorted(map(str, kinds))}"
+            kinds = ", ".join(sorted(f"{str(d).removeprefix('torch.')} on {dev}" for d, dev in kinds))
+            return f"the ops hold tensors of different dtypes or devices ({kinds}): merged, the result's would change"
         if kinds:
             return kinds.pop()
         for n in nodes:
