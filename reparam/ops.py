@@ -145,6 +145,7 @@ class Graph:
         held = [t for t in [*self.gm.parameters(), *self.gm.buffers()] if t.is_floating_point()]
         self.dtype = held[0].dtype if held else torch.get_default_dtype()
         self.device = held[0].device if held else torch.device("cpu")
+        self.on_meta = any(t.is_meta for t in [*self.gm.parameters(), *self.gm.buffers()])
         infer_ranks(self.gm.graph, self.modules)
 
     # ---- reading ----
