@@ -57,7 +57,7 @@ def prefix_pairs(config: GCNetConfig) -> list[tuple[str, str]]:
               ("backbone.compression_2.", "fusion5.compress."), ("backbone.down_2.", "fusion5.down."),
               ("backbone.spp.", "dappm."),
               ("decode_head.head.0.", "head.bn."), ("decode_head.head.2.", "head.conv."),
-              ("decode_head.cls_seg.", "head.cls."),
+              ("decode_head.conv_seg.", "head.cls."),
               ("decode_head.aux_head_c4.0.", "aux_head.bn."), ("decode_head.aux_head_c4.2.", "aux_head.conv."),
               ("decode_head.aux_cls_seg_c4.", "aux_head.cls.")]
     return pairs
@@ -83,8 +83,8 @@ def release_config(state_dict: dict, variant: str, **overrides) -> GCNetConfig:
     guess = {}
     if found:
         guess["n_paths"] = max(found)
-    if "decode_head.cls_seg.weight" in state_dict:
-        guess["num_classes"] = state_dict["decode_head.cls_seg.weight"].shape[0]
+    if "decode_head.conv_seg.weight" in state_dict:
+        guess["num_classes"] = state_dict["decode_head.conv_seg.weight"].shape[0]
     return replace(_preset(variant), **{**guess, **overrides})
 
 

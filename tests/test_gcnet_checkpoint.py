@@ -45,7 +45,7 @@ def release_keys(stage_blocks=(4, 4), semantic=(5, 5, 2), detail=(4, 4, 2), n_pa
            + [f"backbone.spp.processes.{i}" for i in range(4)] + ["backbone.spp.compression", "backbone.spp.shortcut"])
     for p in spp:
         keys += norm_act_conv(p)
-    for head, cls in (("decode_head.head", "decode_head.cls_seg"),
+    for head, cls in (("decode_head.head", "decode_head.conv_seg"),
                       ("decode_head.aux_head_c4", "decode_head.aux_cls_seg_c4")):
         keys += [f"{head}.0.{k}" for k in bn] + conv_module(f"{head}.2") + [f"{cls}.weight", f"{cls}.bias"]
     return keys
@@ -81,7 +81,7 @@ def test_release_shapes_of_gcnet_s():
                 "backbone.spp.scales.4.1.bn.weight": (512,),  # BN before the conv: input channels
                 "backbone.spp.compression.conv.weight": (128, 640, 1, 1),
                 "decode_head.head.0.weight": (128,), "decode_head.head.2.conv.weight": (64, 128, 3, 3),
-                "decode_head.cls_seg.weight": (19, 64, 1, 1), "decode_head.aux_head_c4.0.weight": (64,),
+                "decode_head.conv_seg.weight": (19, 64, 1, 1), "decode_head.aux_head_c4.0.weight": (64,),
                 "decode_head.aux_cls_seg_c4.bias": (19,)}
     assert {k: tuple(sd[k].shape) for k in expected} == expected
 
@@ -125,13 +125,13 @@ def test_errors_list_missing_unexpected_and_mismatched_keys():
     release = random_release_state_dict(GCNET_S)
     del release["backbone.stem.3.path_1x1.conv2.bn.weight"]
     release["backbone.stem.99.foo"] = torch.zeros(1)
-    release["decode_head.cls_seg.bias"] = torch.zeros(5)
+    release["decode_head.conv_seg.bias"] = torch.zeros(5)
     with pytest.raises(ck.CheckpointError) as e:
         ck.from_release(release, GCNET_S)
     msg = str(e.value)
     assert "1 missing key(s)" in msg and "backbone.stem.3.path_1x1.conv2.bn.weight (our stage2.1.path_1x1" in msg
     assert "1 unexpected key(s)" in msg and "backbone.stem.99.foo" in msg
-    assert "decode_head.cls_seg.bias: (5,) vs (19,) expected" in msg
+    assert "decode_head.conv_seg.bias: (5,) vs (19,) expected" in msg
 
 
 def test_wrong_variant_is_a_clear_error(tmp_path):
