@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from reparam.export import write_atomic
 
-from .checkpoint import load as load_weights
+from .checkpoint import load as load_weights, read_object
+from .errors import CheckpointError
 from .evaluate import evaluate
 from .losses import GCNetLoss
 from .model import FACTORIES, GCNet
@@ -87,15 +88,10 @@ def save_atomic(obj, path: Path) -> None:
 
 def read_checkpoint(path) -> dict:
     """A checkpoint written by `train`, for resuming (weights_only: loading runs no code from the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing checkpoint: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    state = read_object(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a gcnet checkpoint (no 'model' and 'config' entries)")
+        raise CheckpointError(f"{path}: not a gcnet train checkpoint (no 'model' and 'config' entries); "
+                              "--resume continues a gcnet train run, --init-from starts from any weights")
     return state
 
 
@@ -197,14 +193,16 @@ def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.dev
                               f"start over in {out}, or another --out-dir")
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
+    # read first: a bad file fails before any data is touched
+    init = load_weights(config.init_from, variant=config.variant) if config.init_from and resume is None else None
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
 
     train_set = dataset_for(config, config.train_splits)
     val_set = dataset_for(config, config.val_split)
     classes, palette = train_set.classes, train_set.palette
     model = build_model(config.variant, len(classes), config.n_paths)
-    if config.init_from and resume is None:
-        skipped = load_matching(model, load_weights(config.init_from, variant=config.variant).state_dict())
+    if init is not None:
+        skipped = load_matching(model, init.state_dict())
         if rank == 0 and skipped:
             tqdm.write(f"init_from {config.init_from}: kept the initial {len(skipped)} tensors that do not "
                        f"match in name or shape: {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}")

@@ -1,8 +1,10 @@
 """The `gcnet` command line: subcommand discovery, info, bench, convert."""
 import csv
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from gcnet import GCNET_S, cli, gcnet_s
 from gcnet import checkpoint as ck
@@ -61,21 +63,46 @@ def test_bench_half_precision_channels_last(small_s, capsys):
     assert "bfloat16, channels-last" in capsys.readouterr().out
 
 
-def test_convert_writes_our_training_form(tmp_path, capsys):
-    path = tmp_path / "release.pth"
-    torch.save({"state_dict": random_release_state_dict(ck.replace(GCNET_S, **SMALL))}, path)
-    out = ck.convert(path, "s", tmp_path / "ours.safetensors", **SMALL)  # the CLI takes presets only
-    assert ck.load(out).config.channels == 8
-    # the full-size preset does not fit this checkpoint: the CLI says which keys, exit status 1
-    assert cli.main(["convert", str(path), "--variant", "s", "--out", str(tmp_path / "x.safetensors")]) == 1
-    err = capsys.readouterr().err
-    assert "shape mismatch" in err and "backbone.stem.0.conv.weight: (8, 3, 3, 3) vs (32, 3, 3, 3)" in err
-    assert not (tmp_path / "x.safetensors").exists()
-
-
 def test_convert_cli_success(tmp_path, capsys):
     path = tmp_path / "release.pth"
     torch.save({"state_dict": random_release_state_dict(GCNET_S)}, path)
-    assert cli.main(["convert", str(path), "--variant", "s", "--out", str(tmp_path / "s.safetensors")]) == 0
-    assert "wrote" in capsys.readouterr().out
+    assert cli.main(["convert", str(path), "--out", str(tmp_path / "s.safetensors")]) == 0
+    assert "wrote" in (out := capsys.readouterr().out) and "GCNet-S, n_paths=2, 19 classes" in out
     assert ck.load(tmp_path / "s.safetensors").config == GCNET_S
+
+FIXTURE = Path(__file__).parent / "data" / "gcnet-release" / "release_s_c8_deploy.pth"
+BAD_FILES = {"empty.pth": b"", "truncated.pth": FIXTURE.read_bytes()[:100_000], "garbage.pth": b"\x80\x02}q" * 30,
+             "garbage.safetensors": b"\xff" * 100, "missing.pth": None}
+COMMANDS = {  # each reads the weights file it is given, and nothing else first
+    "convert": lambda f, tmp: ["convert", f, "--out", str(tmp / "out.safetensors")],
+    "eval": lambda f, tmp: ["eval", f, "--workers", "0"],
+    "predict": lambda f, tmp: ["predict", str(tmp / "image.png"), "--weights", f, "--out", str(tmp / "pred")],
+    "export": lambda f, tmp: ["export", "--checkpoint", f, "--out", str(tmp / "m.onnx"), "--size", "64", "64"],
+    "train --resume": lambda f, tmp: ["train", "--resume", f],
+    "train --init-from": lambda f, tmp: ["train", "--dataset", "demo", "--init-from", f, "--out-dir", str(tmp / "run"),
+                                         "--iters", "1", "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_unreadable_weights_give_one_line_naming_the_file(command, name, tmp_path, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "image.png")
+    path = tmp_path / name
+    if BAD_FILES[name] is not None:
+        path.write_bytes(BAD_FILES[name])
+    assert cli.main(COMMANDS[command](str(path), tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"gcnet: error: {path}: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "pred").exists()
+
+
+def test_convert_needs_no_variant_and_checks_one_given(tmp_path, capsys):
+    assert cli.main(["convert", str(FIXTURE), "--out", str(tmp_path / "c8.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "GCNet (in_channels=3, channels=8, stage_blocks=(4, 4)" in out and "n_paths=2, 19 classes" in out
+    assert ck.load(tmp_path / "c8.safetensors").config.channels == 8
+    assert cli.main(["convert", str(FIXTURE), "--variant", "s", "--out", str(tmp_path / "s.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "holds another model than GCNet-S: channels 8 in the file, 32 asked" in err
+    assert not (tmp_path / "s.safetensors").exists()
