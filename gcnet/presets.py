@@ -29,8 +29,11 @@ class TrainConfig:
     num_classes: int | None = None            # folder datasets without a classes.txt
     variant: str = "s"                        # GCNet-S/M/L
     n_paths: int = 2                          # Path3x3_1x1 per GCBlock
-    init_from: str | None = None              # checkpoint to start from (CamVid: Cityscapes weights)
+    init_from: str | None = None              # checkpoint to start from (CamVid, VOC: Cityscapes weights)
+    init_required: bool = False               # refuse to start from random weights (CamVid, VOC)
     crop_size: tuple[int, int] = (1024, 1024)  # (h, w)
+    cat_max_ratio: float = 0.75               # RandomCrop: re-draw while one class covers this much
+    photometric: bool = True                  # PhotoMetricDistortion
     base_size: tuple[int, int] | None = None  # (long, short) the random rescale multiplies; None: image size
     ratio_range: tuple[float, float] = (0.5, 2.0)
     eval_size: tuple[int, int] | None = None  # (long, short) keep-ratio resize for inference; None: as is
@@ -41,10 +44,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     ohem_thresh: float = 0.9
-    min_kept: int = 131_072                   # per image
+    min_kept: int = 131_072                   # per loss call: all images of one process's batch
+    class_weight: tuple[float, ...] | None = None  # per class, for both losses (Cityscapes: the release's)
     aux_weight: float = 0.4
     amp: bool = False
-    sync_bn: bool = False                     # with several processes: BN statistics over all of them
+    sync_bn: bool = True                      # with several GPUs: BN statistics over all of them (SyncBN)
     workers: int = 4                          # data-loading processes per training process
     seed: int = 0
     deterministic: bool = False               # torch.use_deterministic_algorithms (slower on GPU)
@@ -61,22 +65,30 @@ class TrainConfig:
         return asdict(self)
 
 
+# The release's Cityscapes configs weight the 19 trainIds in both losses (GCNET.md).
+CITYSCAPES_CLASS_WEIGHT = (0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
+                           0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507)
+
 PRESETS = {
     "cityscapes": TrainConfig(dataset="cityscapes", crop_size=(1024, 1024), base_size=(2048, 1024),
-                              batch_size=12, iters=120_000, lr=0.01, out_dir="runs/gcnet-cityscapes"),
-    # CamVid: train+val for training, test for evaluation; the release starts from Cityscapes weights.
-    "camvid": TrainConfig(dataset="camvid", train_splits=("train", "val"), val_split="test",
+                              batch_size=12, iters=120_000, lr=0.01, class_weight=CITYSCAPES_CLASS_WEIGHT,
+                              out_dir="runs/gcnet-cityscapes"),
+    # CamVid as the release's config: train/ only (the paper says train+val), test/ for evaluation,
+    # fine-tuned from Cityscapes weights.
+    "camvid": TrainConfig(dataset="camvid", train_splits=("train",), val_split="test",
                           crop_size=(720, 960), base_size=(960, 720), batch_size=12, iters=7_800,
-                          lr=0.001, out_dir="runs/gcnet-camvid"),
+                          lr=0.001, init_required=True, out_dir="runs/gcnet-camvid"),
     "voc": TrainConfig(dataset="voc", crop_size=(512, 512), base_size=(2048, 512),
-                       eval_size=(2048, 512), batch_size=16, iters=24_400, lr=0.001,
+                       eval_size=(2048, 512), batch_size=16, iters=24_400, lr=0.001, init_required=True,
                        out_dir="runs/gcnet-voc"),
+    # min_kept per batch of 8 (the 32,768 per image it was before counting per call)
     "folder": TrainConfig(dataset="folder", crop_size=(512, 512), batch_size=8, iters=20_000,
-                          lr=0.01, min_kept=32_768, out_dir="runs/gcnet-folder"),
-    # Small enough for a CPU: 128×128 pictures, min_kept scaled with the crop area (1/8 of it).
+                          lr=0.01, min_kept=262_144, out_dir="runs/gcnet-folder"),
+    # Small enough for a CPU: 128×128 pictures, min_kept 1/8 of a batch's pixels; no photometric
+    # distortion: the demo's classes differ by hue.
     "demo": TrainConfig(dataset="demo", crop_size=(128, 128), batch_size=8, iters=300, lr=0.05,
-                        min_kept=2_048, workers=0, log_every=20, val_every=100, ckpt_every=100,
-                        out_dir="runs/gcnet-demo"),
+                        min_kept=16_384, photometric=False, workers=0, log_every=20, val_every=100,
+                        ckpt_every=100, out_dir="runs/gcnet-demo"),
 }
 
 

@@ -2,7 +2,7 @@
 checkpoints and exact resume; several GPUs through `torchrun` (DistributedDataParallel).
 
     path = train(make_config("demo"))                  # → runs/gcnet-demo/last.pt
-    torchrun --nproc-per-node 4 -m gcnet train --dataset cityscapes --data-root data/cityscapes --sync-bn
+    torchrun --nproc-per-node 4 -m gcnet train --dataset cityscapes --data-root data/cityscapes   # SyncBN
 
 Exact resume: the data a step sees is a function of (seed, sample number) alone (`TrainSamples`),
 and a checkpoint holds everything else that changes during training (weights, BN statistics,
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from reparam.export import write_atomic
 
 from .checkpoint import load as load_weights, read_object
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate
 from .losses import GCNetLoss
 from .model import FACTORIES, GCNet
@@ -75,7 +75,7 @@ class TrainSamples(Dataset):
         image, label = self.dataset[int(self._order[pos])]
         c = self.config
         return train_transform(image, label, np.random.default_rng([c.seed, 1, k]), c.crop_size,
-                               c.ratio_range, c.base_size)
+                               c.ratio_range, c.base_size, c.cat_max_ratio, c.photometric)
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -185,7 +185,27 @@ def train(config: TrainConfig, resume=None) -> Path:
             dist.destroy_process_group()
 
 
+def criterion_for(config: TrainConfig) -> GCNetLoss:
+    """The recipe's loss: OHEM (threshold, min_kept per call, class weights) on both heads."""
+    return GCNetLoss(config.ohem_thresh, config.min_kept, config.aux_weight, class_weight=config.class_weight)
+
+
+def with_sync_bn(model: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """The release trains on several GPUs with SyncBN: BN statistics over the whole batch, not
+    each GPU's share. torch's SyncBatchNorm runs on CUDA only: other devices keep per-process BN."""
+    if world == 1:
+        return model
+    if device.type != "cuda":
+        tqdm.write(f"{world} processes on {device.type}: SyncBN needs CUDA, each process keeps its own BN statistics")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.device) -> Path:
+    if config.init_required and not config.init_from and resume is None:
+        raise ConfigError(f"the release fine-tunes {config.dataset} from Cityscapes weights: pass --init-from "
+                          "CHECKPOINT (the release's Cityscapes .pth, or best.pt of a gcnet cityscapes run), or "
+                          "--no-init-required to train from random weights on purpose")
     out = Path(config.out_dir)
     last = out / "last.pt"
     if resume is None and last.exists() and not config.overwrite:
@@ -206,11 +226,10 @@ def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.dev
         if rank == 0 and skipped:
             tqdm.write(f"init_from {config.init_from}: kept the initial {len(skipped)} tensors that do not "
                        f"match in name or shape: {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}")
-    model.to(device)
-    if world > 1 and config.sync_bn:
-        if device.type != "cuda":
-            raise ValueError("--sync-bn needs GPUs (torch's SyncBatchNorm runs on CUDA only); drop it on the CPU")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config.class_weight is not None and len(config.class_weight) != len(classes):
+        raise ConfigError(f"--class-weight has {len(config.class_weight)} values but {config.dataset} has "
+                          f"{len(classes)} classes")
+    model = with_sync_bn(model.to(device), world if config.sync_bn else 1, device)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
 
@@ -218,7 +237,7 @@ def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.dev
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.iters, power=config.poly_power)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-    criterion = GCNetLoss(config.ohem_thresh, config.min_kept, config.aux_weight)
+    criterion = criterion_for(config).to(device)
     start, best = 0, -1.0
     if resume is not None:
         state = read_checkpoint(resume)
