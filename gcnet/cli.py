@@ -2,7 +2,8 @@
 
 A module is skipped only when its file does not exist (another engineer may not have written
 it yet); any other import error is a bug and is raised. A `gcnet.errors.UsageError` (a bad
-flag, an unreadable file) prints as one line `gcnet: error: ...`.
+flag, an unreadable file), a missing input or an output that would be overwritten prints as
+one line `gcnet: error: ...`.
 """
 from __future__ import annotations
 
@@ -30,6 +31,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UsageError as e:  # a flag or a file the user gave: one line, no traceback
+    except (UsageError, FileNotFoundError, FileExistsError) as e:  # what the user gave: one line, no traceback
         print(f"gcnet: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return getattr(e, "exit_code", 1)

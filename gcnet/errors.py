@@ -13,3 +13,7 @@ class ConfigError(UsageError):
 
 class CheckpointError(UsageError):
     """A file that cannot be read, or does not hold the model asked for; the message names the file."""
+
+
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite; the message says at which iteration and what to try."""

@@ -1,6 +1,8 @@
 """Training recipes: one `TrainConfig` dataclass, presets that match GCNET.md, and overrides.
 
 Precedence: preset < config file (JSON or TOML, keys = field names) < command-line flags.
+Every TrainConfig is checked when it is made (`ConfigError` naming the flag), so no run starts
+with a value that cannot work; `resolve` also says where each value came from.
 
     config = make_config("cityscapes", file="my.toml", overrides={"iters": 1000})
 """
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from .datasets import build_dataset
+from .datasets import DATASETS, build_dataset
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,49 @@ class TrainConfig:
     progress: bool = True                     # tqdm progress bar
     device: str | None = None                 # None: cuda when available, else cpu
 
+    def __post_init__(self):
+        for name, ok, requirement in _RULES:
+            value = getattr(self, name)
+            if not ok(value):
+                shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+                raise ConfigError(f"--{name.replace('_', '-')} must be {requirement}, got {shown}")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _sizes(n: int, optional: bool = False):
+    return lambda v: (optional and v is None) or (isinstance(v, tuple) and len(v) == n and all(x >= 1 for x in v))
+
+
+_RULES = (  # (field, test, what the flag must be)
+    ("dataset", lambda v: v in DATASETS, f"one of {', '.join(sorted(DATASETS))}"),
+    ("train_splits", lambda v: len(v) >= 1, "at least one split"),
+    ("num_classes", lambda v: v is None or v >= 1, "at least 1"),
+    ("variant", lambda v: v in ("s", "m", "l"), "s, m or l"),
+    ("n_paths", lambda v: v >= 1, "at least 1"),
+    ("crop_size", _sizes(2), "two sizes of at least 1 (H W)"),
+    ("cat_max_ratio", lambda v: 0 < v <= 1, "in (0, 1] (1: no re-draw)"),
+    ("base_size", _sizes(2, optional=True), "two sizes of at least 1 (LONG SHORT)"),
+    ("ratio_range", lambda v: len(v) == 2 and 0 < v[0] <= v[1], "LOW HIGH with 0 < LOW <= HIGH"),
+    ("eval_size", _sizes(2, optional=True), "two sizes of at least 1 (LONG SHORT)"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("iters", lambda v: v >= 1, "at least 1"),
+    ("lr", lambda v: v > 0, "positive"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("poly_power", lambda v: v >= 0, "0 or more"),
+    ("ohem_thresh", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("min_kept", lambda v: v >= 0, "0 or more"),
+    ("class_weight", lambda v: v is None or (len(v) >= 1 and min(v) >= 0), "one weight of 0 or more per class"),
+    ("aux_weight", lambda v: v >= 0, "0 or more"),
+    ("workers", lambda v: v >= 0, "0 or more"),
+    ("seed", lambda v: v >= 0, "0 or more"),
+    ("log_every", lambda v: v >= 1, "at least 1"),
+    ("val_every", lambda v: v >= 0, "0 (validate at the end only) or more"),
+    ("ckpt_every", lambda v: v >= 1, "at least 1"),
+    ("stop_at", lambda v: v is None or v >= 1, "at least 1"),
+)
 
 
 # The release's Cityscapes configs weight the 19 trainIds in both losses (GCNET.md).
@@ -107,36 +151,66 @@ def coerce(name: str, value):
     """A config value from a file or the command line, converted to the field's type."""
     hints = _hints()
     if name not in hints:
-        raise KeyError(f"unknown config key '{name}'; known keys: {', '.join(sorted(hints))}")
+        raise ConfigError(f"unknown config key '{name}'; known keys: {', '.join(sorted(hints))}")
     if value is None:
         return None
     kind = _base_type(hints[name])
-    if typing.get_origin(kind) is tuple:
-        item = typing.get_args(kind)[0]
-        return tuple(item(v) for v in ([value] if isinstance(value, str) else value))
-    return kind(value)
+    try:
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            return tuple(item(v) for v in ([value] if isinstance(value, str) else value))
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a {getattr(kind, '__name__', kind)}") from None
 
 
 def read_config_file(path) -> dict:
     """Overrides from a .json or .toml file whose keys are TrainConfig field names."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"missing config file: {path}")
-    text = path.read_text()
-    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        raise ConfigError(f"missing config file: {path}")
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # TOMLDecodeError, JSONDecodeError are ValueErrors
+        raise ConfigError(f"config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a table of recipe keys, found {type(data).__name__}")
     return {k: coerce(k, v) for k, v in data.items()}
 
 
 def make_config(preset: str | TrainConfig = "demo", file=None, overrides: dict | None = None) -> TrainConfig:
     """A preset (by name, or a whole config such as a checkpoint's) with a file's and then
     explicit overrides applied."""
+    return resolve(preset, file, overrides)[0]
+
+
+def resolve(preset: str | TrainConfig = "demo", file=None, overrides: dict | None = None,
+            origin: str | None = None) -> tuple[TrainConfig, dict[str, str]]:
+    """`make_config`, and where each field's value came from: "preset NAME" (or `origin`, for
+    a whole config such as a checkpoint's), "config file PATH" or "flag --NAME"."""
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset '{preset}'; choose from {sorted(PRESETS)}")
-        preset = PRESETS[preset]
+            raise ConfigError(f"unknown preset '{preset}'; choose from {sorted(PRESETS)}")
+        origin, preset = origin or f"preset {preset}", PRESETS[preset]
+    sources = {f.name: origin or "given config" for f in fields(TrainConfig)}
     values = read_config_file(file) if file else {}
-    values.update({k: coerce(k, v) for k, v in (overrides or {}).items()})
-    return replace(preset, **values)
+    sources.update({k: f"config file {file}" for k in values})
+    flags = {k: coerce(k, v) for k, v in (overrides or {}).items()}
+    sources.update({k: f"flag --{k.replace('_', '-')}" for k in flags})
+    return replace(preset, **{**values, **flags}), sources
+
+
+def describe(config: TrainConfig, sources: dict[str, str]) -> str:
+    """The resolved recipe, one field a line: name, value, where it came from."""
+    width = max(len(f.name) for f in fields(TrainConfig))
+    values = {f.name: getattr(config, f.name) for f in fields(TrainConfig)}
+    shown = {k: " ".join(map(str, v)) if isinstance(v, tuple) else str(v) for k, v in values.items()}
+    value_width = min(max(len(v) for v in shown.values()), 24)
+    return "recipe (preset < config file < flags):\n" + "\n".join(
+        f"  {k:<{width}}  {v:<{value_width}}  {sources[k]}" for k, v in shown.items())
 
 
 def config_from_dict(data: dict) -> TrainConfig:
