@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gcnet import GCNET_S, cli, gcnet_s
+from gcnet import GCNET_S, bench, cli, gcnet_s
 from gcnet import checkpoint as ck
 from gcnet.model import FACTORIES
 
@@ -48,19 +48,68 @@ def test_bench_sweep_writes_csv_and_plot(small_s, tmp_path, capsys):
     assert cli.main(["bench", "--variant", "s", "--sizes", "32x64,64x128", "--warmup", "0",
                      "--repeats", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "release/training" in out and "fused/release" in out
-    with open(tmp_path / "gcnet_s_cpu_float32.csv") as f:
+    assert "protocol ours: 0 warm-up passes, then per-pass timing" in out and "interquartile range" in out
+    with open(tmp_path / "gcnet_s_cpu.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["form"], r["height"]) for r in rows] == [
-        (form, h) for h in ("32", "64") for form in ("training", "release", "fused")]
-    assert all(float(r["fps"]) > 0 for r in rows)
-    assert (tmp_path / "gcnet_s_cpu_float32.png").read_bytes()[:4] == b"\x89PNG"
+    assert [(r["protocol"], r["form"], r["setting"], r["height"]) for r in rows] == [
+        ("ours", form, "fp32", h) for h in ("32", "64") for form in ("fused", "training")]
+    assert all(0 < float(r["fps_low"]) <= float(r["fps"]) <= float(r["fps_high"]) for r in rows)
+    assert (tmp_path / "gcnet_s_cpu.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_half_precision_channels_last(small_s, capsys):
-    assert cli.main(["bench", "--sizes", "32x64", "--dtype", "bfloat16", "--channels-last",
-                     "--warmup", "0", "--repeats", "1"]) == 0
-    assert "bfloat16, channels-last" in capsys.readouterr().out
+def test_bench_prints_both_protocols_and_labels_the_release_form(small_s, capsys):
+    assert cli.main(["bench", "--sizes", "32x64", "--protocol", "both", "--forms", "fused", "release",
+                     "--warmup", "1", "--repeats", "2", "--seconds", "0.01", "--builds", "2"]) == 0
+    out = capsys.readouterr().out
+    ours, release = out.split("protocol release: ")
+    assert "protocol ours: 1 warm-up passes" in ours
+    assert release.startswith("the release's speed script (its own runs: fp32): 1 warm-up passes, "
+                              "back-to-back passes over 0.01 s with one synchronisation at each end")
+    assert "mean of 2 builds" in release
+    for part in (ours, release):
+        assert "fused" in part and "folds DAPPM's pre-activation BNs as if they followed the conv" in part
+
+
+def test_bench_settings_columns_on_the_cpu(small_s, capsys):
+    timings = bench.bench("s", [(32, 64)], forms=("fused",), settings=("fp32", "fp16", "bf16", "channels-last",
+                          "compile"), warmup=0, repeats=1, compile_backend="eager")  # eager: no compiler needed
+    assert [t.setting for t in timings] == ["fp32", "fp16", "bf16", "channels-last", "compile"]
+    assert all((t.fps > 0) != bool(t.error) for t in timings)  # a number, or n/a with its reason
+    assert not any(t.error for t in timings if t.setting in ("fp32", "bf16", "channels-last", "compile"))
+    assert "n/a" not in bench.table(timings) or "n/a fp16:" in bench.table(timings)
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+
+    def forward(self, x):
+        self.events.append("pass" if torch.backends.cudnn.benchmark else "pass without cudnn.benchmark")
+        return x
+
+
+def test_release_protocol_synchronises_once_at_each_end(monkeypatch):
+    events = []
+    monkeypatch.setattr(bench, "_synchronize", lambda device: events.append("sync"))
+    bench.throughput(_Recorder(events), torch.zeros(1), warmup=10, seconds=0.01)
+    assert events[:11] == ["pass"] * 10 + ["sync"]  # 10 warm-up passes first
+    assert events[-1] == "sync"
+    start = max(i for i in range(len(events) - 1) if events[i] == "sync")
+    assert len(events) - start - 2 >= 1 and set(events[start + 1:-1]) == {"pass"}  # the timed run: n passes
+
+
+def test_our_protocol_synchronises_after_each_pass(monkeypatch):
+    import reparam.stats
+    events = []
+    monkeypatch.setattr(reparam.stats, "_sync", lambda device: events.append("sync"))
+    monkeypatch.setattr(bench, "build_form", lambda form, variant, n_paths: _Recorder(events))
+    before = torch.backends.cudnn.benchmark
+    [timing] = bench.bench("s", [(4, 4)], forms=("fused",), warmup=3, repeats=5)
+    assert torch.backends.cudnn.benchmark == before  # restored
+    assert events[:6] == ["pass"] * 3 + ["sync", "pass", "sync"]  # warm-up (its timed pass discarded)
+    assert events[6:] == ["sync", "pass", "sync"] * 5  # each timed pass between two synchronisations
+    assert timing.fps_low <= timing.fps <= timing.fps_high
 
 
 def test_convert_cli_success(tmp_path, capsys):
