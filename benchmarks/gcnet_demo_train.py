@@ -43,7 +43,7 @@ def main() -> None:
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="gcnet-demo-"))
     config = make_config("demo", overrides=dict(
         iters=args.iters, crop_size=(args.size, args.size), batch_size=args.batch_size, lr=args.lr,
-        min_kept=args.size * args.size // 8, val_every=args.val_every, ckpt_every=args.iters,
+        min_kept=args.batch_size * args.size * args.size // 8, val_every=args.val_every, ckpt_every=args.iters,
         log_every=max(1, args.iters // 12), out_dir=str(out), overwrite=True, progress=False))
     print(f"GCNet-S from scratch on the demo dataset: {args.iters} iterations, batch {args.batch_size}, "
           f"{args.size}×{args.size}, lr {args.lr}, {args.threads} thread(s), run in {out}")

@@ -1,17 +1,31 @@
-"""`gcnet bench`: frames per second at batch 1 of three forms of one GCNet.
+"""`gcnet bench`: frames per second at batch 1, under one of two timing protocols.
 
-- training: the training-form network run in eval mode (every branch and BN executed);
-- release:  what the release times: each GCBlock converted by its own formulas, then every
-            conv→BN pair fused (`gcnet._release.release_timed_form`);
-- fused:    our deploy form, `reparam.fuse(model.eval())`.
-Each figure is 1 / median latency over `repeats` runs after `warmup` runs (CUDA synchronised),
-with the spread (max - min latency) reported beside it. Weights are random: speed does not
-depend on their values.
+Protocols (the output names the one it prints):
+- ours:    each pass timed on its own, synchronised after it (`reparam.stats.latency`), `repeats`
+           passes after `warmup`: FPS = 1 / median latency, the range shown is the interquartile
+           range of the latencies.
+- release: what the release's speed script measures: fp32, `cudnn.benchmark=True`, 10 warm-up
+           passes, then as many back-to-back passes as fill `seconds` (the count calibrated by
+           doubling), ONE synchronisation at each end: FPS = passes / elapsed, the mean over
+           `builds` fresh builds of the model (the range: the slowest and fastest build).
+Forms:
+- fused:    our deploy form, `reparam.fuse(model.eval())`: the training form's function, exactly;
+- training: the training form in eval mode (every branch and BN executed);
+- release:  the release's timed form (`gcnet._release.release_timed_form`): `switch_to_deploy()`
+            and its conv-BN fuser, which also folds DAPPM's pre-activation BNs as if they followed
+            the conv. Faster, and ANOTHER function (0.28 relative change with random BN
+            statistics): shown for comparison only.
+Settings (columns): fp32, fp16, bf16, channels-last (fp32), compile (fp32, `torch.compile`).
+Weights are random: speed does not depend on their values. Both protocols run under no_grad,
+with `cudnn.benchmark=True` on CUDA.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,68 +38,153 @@ from reparam.stats import latency
 from ._release import release_timed_form
 from .model import FACTORIES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FORMS = ("training", "release", "fused")
+FORMS = ("fused", "training", "release")
+FORM_NOTES = {"release": "release = the release's timed form: it folds DAPPM's pre-activation BNs as if they "
+                         "followed the conv, so it computes another function (for comparison only)"}
+SETTINGS = {  # name: (dtype, channels_last, compile)
+    "fp32": (torch.float32, False, False), "fp16": (torch.float16, False, False),
+    "bf16": (torch.bfloat16, False, False), "channels-last": (torch.float32, True, False),
+    "compile": (torch.float32, False, True)}
+PROTOCOLS = {
+    "ours": "{warmup} warm-up passes, then per-pass timing, synchronised after each pass: FPS = 1 / median "
+            "latency (interquartile range)",
+    "release": "the release's speed script (its own runs: fp32): {warmup} warm-up passes, back-to-back passes over "
+               "{seconds:g} s with one synchronisation at each end, FPS = passes / time, mean of {builds} builds "
+               "(slowest-fastest)",
+}
 
 
 @dataclass(frozen=True)
 class Timing:
+    protocol: str
     form: str
+    setting: str
     size: tuple[int, int]
-    median_s: float
-    spread_s: float
-
-    @property
-    def fps(self) -> float:
-        return 1.0 / self.median_s
+    fps: float        # nan when the setting failed on this device (see `error`)
+    fps_low: float    # ours: 1 / third-quartile latency; release: the slowest build
+    fps_high: float   # ours: 1 / first-quartile latency; release: the fastest build
+    error: str = ""
 
 
-def build_forms(variant: str = "s", n_paths: int = 2) -> dict[str, nn.Module]:
+def build_form(form: str, variant: str = "s", n_paths: int = 2) -> nn.Module:
+    """A fresh eval-mode GCNet in `form` (a key of FORMS), random weights."""
     model = FACTORIES[variant](n_paths=n_paths).eval()
-    return {"training": model, "release": release_timed_form(model), "fused": reparam.fuse(model)}
+    return {"training": lambda: model, "fused": lambda: reparam.fuse(model),
+            "release": lambda: release_timed_form(model)}[form]()
 
 
-def bench(variant: str = "s", sizes=((512, 1024), (1024, 2048)), *, device: str = "cpu",
-          dtype: str = "float32", channels_last: bool = False, compile: bool = False,
-          warmup: int = 3, repeats: int = 10, min_time: float = 0.0, n_paths: int = 2,
-          forms=FORMS) -> list[Timing]:
-    """Latency of each form at each (H, W), batch 1."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    models = {}
-    for name, model in build_forms(variant, n_paths).items():
-        if name in forms:
-            model = model.to(device=device, dtype=DTYPES[dtype], memory_format=fmt)
-            models[name] = torch.compile(model) if compile else model
+def prepare(model: nn.Module, setting: str, device, compile_backend: str = "inductor") -> nn.Module:
+    dtype, channels_last, compiled = SETTINGS[setting]
+    model = model.to(device=device, dtype=dtype,
+                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.compile(model, backend=compile_backend) if compiled else model
+
+
+def example(size, setting: str, device) -> torch.Tensor:
+    dtype, channels_last, _ = SETTINGS[setting]
+    x = torch.randn(1, 3, *size, device=device, dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, x: torch.Tensor, *, warmup: int = 10, seconds: float = 6.0) -> float:
+    """The release's measurement of one build: with cudnn.benchmark, `warmup` passes, then FPS of
+    back-to-back passes, synchronised only at both ends of the timed run; the pass count is
+    first calibrated by doubling (≥ 1 s, or `seconds` when shorter) so the run lasts `seconds`."""
+    def run(n: int) -> float:
+        _synchronize(x.device)
+        start = time.perf_counter()
+        for _ in range(n):
+            model(x)
+        _synchronize(x.device)
+        return time.perf_counter() - start
+
+    with _cudnn_benchmark():
+        for _ in range(warmup):
+            model(x)
+        n, elapsed = 1, run(1)
+        while elapsed < min(1.0, seconds):
+            n *= 2
+            elapsed = run(n)
+        n = max(1, round(n / elapsed * seconds))
+        return n / run(n)
+
+
+def _measure(protocol: str, form: str, setting: str, size, *, variant, n_paths, device, warmup, repeats,
+             min_time, seconds, builds, compile_backend) -> Timing:
+    def build():
+        return prepare(build_form(form, variant, n_paths), setting, device, compile_backend)
+
+    x = example(size, setting, device)
+    if protocol == "release":
+        fps = [throughput(build(), x, warmup=warmup, seconds=seconds) for _ in range(builds)]
+        return Timing(protocol, form, setting, tuple(size), statistics.mean(fps), min(fps), max(fps))
+    model = build()
+    latency(model, (x,), warmup=warmup, repeats=1)
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        times.append(latency(model, (x,), warmup=0, repeats=1)[0])  # one synchronised pass
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return Timing(protocol, form, setting, tuple(size), 1 / med, 1 / q3, 1 / q1)
+
+
+def bench(variant: str = "s", sizes=((1024, 2048),), *, protocol: str = "ours", forms=("fused", "training"),
+          settings=("fp32",), device: str = "cpu", warmup: int = 10, repeats: int = 10, min_time: float = 0.0,
+          seconds: float = 6.0, builds: int = 3, n_paths: int = 2, compile_backend: str = "inductor") -> list[Timing]:
+    """One Timing per (size, form, setting) under `protocol` ("ours" or "release"). A setting
+    that fails on this device (fp16 kernels missing, no compiler for torch.compile) gives a
+    Timing with fps = nan and the error's first line, instead of stopping the others."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {sorted(PROTOCOLS)}")
     timings = []
-    for size in sizes:
-        x = torch.randn(1, 3, *size, device=device, dtype=DTYPES[dtype]).to(memory_format=fmt)
-        for name, model in models.items():
-            median, spread = latency(model, (x,), warmup=warmup, repeats=repeats, min_time=min_time)
-            timings.append(Timing(name, tuple(size), median, spread))
+    with _cudnn_benchmark():
+        for size in sizes:
+            for form in forms:
+                for setting in settings:
+                    try:
+                        timings.append(_measure(protocol, form, setting, size, variant=variant, n_paths=n_paths,
+                                                device=device, warmup=warmup, repeats=repeats, min_time=min_time,
+                                                seconds=seconds, builds=builds, compile_backend=compile_backend))
+                    except Exception as e:  # noqa: BLE001 -- reported in the table, the sweep goes on
+                        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        nan = float("nan")
+                        timings.append(Timing(protocol, form, setting, tuple(size), nan, nan, nan,
+                                              f"{type(e).__name__}: {first}"))
     return timings
 
 
 def table(timings: list[Timing]) -> str:
-    """One row per size: FPS (± spread) of each form and the speed-up ratios."""
-    by_size: dict[tuple, dict[str, Timing]] = {}
-    for t in timings:
-        by_size.setdefault(t.size, {})[t.form] = t
-    forms = [f for f in FORMS if any(f in row for row in by_size.values())]
-    ratios = [(a, b) for a, b in (("release", "training"), ("fused", "training"), ("fused", "release"))
-              if a in forms and b in forms]
-    head = ["size"] + [f"{f} FPS" for f in forms] + [f"{a}/{b}" for a, b in ratios]
+    """Rows: size × form; columns: settings; cells: FPS (low-high)."""
+    settings = list(dict.fromkeys(t.setting for t in timings))
+    cells = {(t.size, t.form, t.setting): t for t in timings}
     rows = []
-    for size, row in by_size.items():
-        fps = [f"{row[f].fps:.2f} (±{_fps_spread(row[f]):.2f})" for f in forms]
-        rows.append([f"{size[0]}×{size[1]}"] + fps + [f"{row[a].fps / row[b].fps:.2f}×" for a, b in ratios])
+    for size, form in dict.fromkeys((t.size, t.form) for t in timings):
+        row = [f"{size[0]}×{size[1]}", form]
+        for setting in settings:
+            t = cells.get((size, form, setting))
+            row.append("" if t is None else "n/a" if t.error else f"{t.fps:.2f} ({t.fps_low:.2f}-{t.fps_high:.2f})")
+        rows.append(row)
+    head = ["size", "form"] + [f"{s} FPS" for s in settings]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows)
-
-
-def _fps_spread(t: Timing) -> float:
-    """FPS range implied by the latency spread around the median."""
-    fast, slow = max(t.median_s - t.spread_s / 2, 1e-9), t.median_s + t.spread_s / 2
-    return 1 / fast - 1 / slow
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows]
+    notes = [FORM_NOTES[f] for f in FORM_NOTES if any(t.form == f for t in timings)]
+    notes += sorted({f"n/a {t.setting}: {t.error}" for t in timings if t.error})
+    return "\n".join(lines + notes)
 
 
 def write_csv(timings: list[Timing], path) -> Path:
@@ -93,14 +192,15 @@ def write_csv(timings: list[Timing], path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["form", "height", "width", "median_ms", "spread_ms", "fps"])
+        w.writerow(["protocol", "form", "setting", "height", "width", "fps", "fps_low", "fps_high", "error"])
         for t in timings:
-            w.writerow([t.form, *t.size, f"{t.median_s * 1e3:.3f}", f"{t.spread_s * 1e3:.3f}", f"{t.fps:.3f}"])
+            w.writerow([t.protocol, t.form, t.setting, *t.size, f"{t.fps:.3f}", f"{t.fps_low:.3f}",
+                        f"{t.fps_high:.3f}", t.error])
     return path
 
 
 def plot(timings: list[Timing], path, title: str = "") -> Path:
-    """FPS against resolution (pixels), one line per form, error bars from the spread."""
+    """FPS against resolution (megapixels), one line per form and setting, bars low-high."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,11 +208,12 @@ def plot(timings: list[Timing], path, title: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for form in FORMS:
-        ts = sorted((t for t in timings if t.form == form), key=lambda t: t.size[0] * t.size[1])
-        if ts:
-            ax.errorbar([t.size[0] * t.size[1] / 1e6 for t in ts], [t.fps for t in ts],
-                        yerr=[_fps_spread(t) / 2 for t in ts], marker="o", capsize=3, label=form)
+    for form, setting in dict.fromkeys((t.form, t.setting) for t in timings if not t.error):
+        ts = sorted((t for t in timings if (t.form, t.setting) == (form, setting) and not t.error),
+                    key=lambda t: t.size[0] * t.size[1])
+        ax.errorbar([t.size[0] * t.size[1] / 1e6 for t in ts], [t.fps for t in ts],
+                    yerr=[[t.fps - t.fps_low for t in ts], [t.fps_high - t.fps for t in ts]],
+                    marker="o", capsize=3, label=f"{form} {setting}")
     ax.set_xlabel("resolution (megapixels, H×W)")
     ax.set_ylabel("FPS (batch 1)")
     ax.set_title(title)
@@ -131,35 +232,55 @@ def _sizes(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"expected comma-separated HxW like 512x1024,1024x2048, got '{text}'")
 
 
+def _count(least: int):
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, got '{text}'")
+        return int(text)
+    return parse
+
+
 def _command(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = args.sizes
-    timings = bench(args.variant, sizes, device=args.device, dtype=args.dtype,
-                    channels_last=args.channels_last, compile=args.compile, warmup=args.warmup,
-                    repeats=args.repeats, min_time=args.min_time, n_paths=args.n_paths)
-    title = (f"GCNet-{args.variant.upper()} on {args.device}, {args.dtype}"
-             + (", channels-last" if args.channels_last else "") + (", compiled" if args.compile else ""))
-    print(title + f", {torch.get_num_threads()} CPU thread(s), batch 1, "
-          f"median of {args.repeats} runs after {args.warmup} warm-up")
-    print(table(timings))
-    if args.out is not None or len(sizes) > 1:
-        stem = Path(args.out or "runs/gcnet_bench") / f"gcnet_{args.variant}_{args.device}_{args.dtype}"
-        print(f"wrote {write_csv(timings, stem.with_suffix('.csv'))} and {plot(timings, stem.with_suffix('.png'), title)}")
+    settings = args.settings or (list(SETTINGS) if args.device == "cuda" else ["fp32"])
+    protocols = ["ours", "release"] if args.protocol == "both" else [args.protocol]
+    where = f"GCNet-{args.variant.upper()} on {args.device}" + \
+        (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f", {torch.get_num_threads()} CPU thread(s)")
+    timings = []
+    for protocol in protocols:
+        part = bench(args.variant, args.sizes, protocol=protocol, forms=args.forms, settings=settings,
+                     device=args.device, warmup=args.warmup, repeats=args.repeats, min_time=args.min_time,
+                     seconds=args.seconds, builds=args.builds, n_paths=args.n_paths)
+        print(f"{where}, batch 1, protocol {protocol}: "
+              + PROTOCOLS[protocol].format(warmup=args.warmup, seconds=args.seconds, builds=args.builds))
+        print(table(part), end="\n\n")
+        timings += part
+    if args.out is not None or len(args.sizes) > 1:
+        stem = Path(args.out or "runs/gcnet_bench") / f"gcnet_{args.variant}_{args.device}"
+        print(f"wrote {write_csv(timings, stem.with_suffix('.csv'))} and {plot(timings, stem.with_suffix('.png'), where)}")
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="FPS of the training, release-timed and fused forms")
+    p = subparsers.add_parser("bench", help="FPS of our deploy form (and others), in our protocol or the release's",
+                              description="FPS at batch 1 of our exact deploy form (reparam.fuse), the "
+                              "training form and the release's timed form, timed per pass (ours: median, IQR) "
+                              "or as the release's speed script does (throughput, mean over builds).")
     p.add_argument("--variant", choices=sorted(FACTORIES), default="s")
     p.add_argument("--sizes", type=_sizes, default=[(1024, 2048)], help="comma-separated HxW, e.g. 512x1024,1024x2048")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile each form (warm-up compiles)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--min-time", type=float, default=0.0, help="run each form at least this many seconds")
+    p.add_argument("--protocol", choices=["ours", "release", "both"], default="ours",
+                   help="ours: per-pass median and IQR; release: its speed script's throughput (default ours)")
+    p.add_argument("--forms", nargs="+", choices=FORMS, default=["fused", "training"],
+                   help="fused: our exact deploy form; training; release: the release's timed form (not exact)")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS),
+                   help="columns (default: all on cuda, fp32 on cpu)")
+    p.add_argument("--warmup", type=_count(0), default=10, help="warm-up passes (the release: 10)")
+    p.add_argument("--repeats", type=_count(1), default=10, help="ours: timed passes")
+    p.add_argument("--min-time", type=float, default=0.0, help="ours: time each form at least this many seconds")
+    p.add_argument("--seconds", type=float, default=6.0, help="release: length of the timed run (its script: 6)")
+    p.add_argument("--builds", type=_count(1), default=3, help="release: fresh builds averaged")
     p.add_argument("--n-paths", type=int, default=2)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (on a busy machine 1 thread can be far faster than several)")

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
+from .errors import ConfigError
+
 IGNORE_INDEX = 255
 
 # The official Cityscapes label table (cityscapesScripts `labels.py`): name, id, trainId, colour.
@@ -350,9 +352,9 @@ def build_dataset(name: str, root=None, splits="train", **options) -> Dataset:
     """Dataset `name` (a key of DATASETS) for one split or several (concatenated, e.g. CamVid's
     train+val). `options` go to the dataset (Folder's `num_classes`, Demo's `size`)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; choose from {sorted(DATASETS)}")
+        raise ConfigError(f"unknown dataset '{name}'; choose from {sorted(DATASETS)}")
     if name != "demo" and root is None:
-        raise ValueError(f"dataset '{name}' needs a data root (--data-root)")
+        raise ConfigError(f"dataset '{name}' needs a data root (--data-root)")
     splits = [splits] if isinstance(splits, str) else list(splits)
     parts = [DATASETS[name](root, split, **options) for split in splits]
     if len(parts) == 1:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import reparam
 
-from .checkpoint import load as load_weights, read_state_dict, save_state_dict
+from .checkpoint import load as load_weights, read_object, read_state_dict, save_state_dict
 from .datasets import IGNORE_INDEX, VOC, CamVid, Cityscapes, voc_palette
 from .presets import TrainConfig, config_from_dict, dataset_for
 from .transforms import eval_transform
@@ -132,12 +132,7 @@ def _read_meta(path, trust_pickle: bool) -> dict:
     checkpoint's optimizer state among them) are not read just to find the class names."""
     if Path(path).suffix == ".safetensors":
         return read_state_dict(path)[1]
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
-    except RuntimeError:  # not a zip-format file, which mmap needs
-        return read_state_dict(path, trust_pickle)[1]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"missing weights file: {path}") from None
+    obj = read_object(path, trust_pickle, mmap=True)
     meta = obj.get("meta") if isinstance(obj, dict) else None
     return meta if isinstance(meta, dict) else {}
 
@@ -149,9 +144,9 @@ def load_for_inference(path, *, deploy_form: bool = False, device="cpu", variant
 
     metadata: classes, palette ((K, 3) uint8), and the training config where the file has it.
     deploy_form: fuse with `reparam.fuse`; deploy files are always fused.
-    variant: "s", "m" or "l" for files that do not record it (the release's)."""
+    variant: "s", "m" or "l" to check that the file holds that variant (every file records its model)."""
     meta = _read_meta(path, trust_pickle)
-    model = load_weights(path, variant=variant or meta.get("variant"), trust_pickle=trust_pickle)
+    model = load_weights(path, variant=variant, trust_pickle=trust_pickle)
     num_classes = model.config.num_classes
     # Files without class names (the release's): the benchmark with that many classes, if any.
     known = {len(d.classes): d for d in (Cityscapes, CamVid, VOC)}.get(num_classes)
@@ -203,7 +198,8 @@ def add_inference_flags(p) -> None:
     p.add_argument("--eval-size", type=int, nargs=2, metavar=("LONG", "SHORT"),
                    help="resize images to fit LONG×SHORT keeping their aspect ratio (default: the recipe's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variant", choices=("s", "m", "l"), help="for release checkpoints, which do not record it")
+    p.add_argument("--variant", choices=("s", "m", "l"), help="check that the weights are this variant "
+                   "(default: whatever the file holds)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load with weights_only=False (runs pickled code: only for files you trust)")
 

@@ -91,7 +91,7 @@ def register(subparsers) -> None:
                               description="Fuse GCNet with reparam.fuse and export it; the file is read "
                               "back and checked against PyTorch (relative error <= 1e-4).")
     p.add_argument("--variant", choices=sorted(FACTORIES),
-                   help="GCNet variant (default: the checkpoint's, else s)")
+                   help="GCNet variant without --checkpoint (default s); with it, checked against the file")
     p.add_argument("--format", choices=sorted(FORMATS), default="onnx")
     p.add_argument("--out", required=True, help="output file (.onnx, .ts or .pt2)")
     p.add_argument("--checkpoint", help="weights: a gcnet train checkpoint, deploy file or converted "

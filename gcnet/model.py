@@ -35,10 +35,12 @@ def gc_stage(in_channels: int, out_channels: int, n_blocks: int, stride: int, n_
 
 
 class BilateralFusion(nn.Module):
-    """Exchange between the branches after stages 4 and 5.
+    """Exchange between the branches after stages 4 and 5, as the release computes it.
 
-    semantic (N, S, h, w), detail (N, D, H, W) with H = 2^k h →
-        semantic + down(ReLU(detail)), detail + upsample(compress(ReLU(semantic))).
+    semantic (N, S, h, w), detail (N, D, H, W) with H = 2^k h; s = ReLU(semantic), d = ReLU(detail) →
+        s + down(d), d + upsample(compress(s)).
+    The sums read the RECTIFIED branches: the release's `ReLU(inplace=True)` overwrites the
+    branch tensors before it adds to them (GCNET.md, CAUTION); written out here, no aliasing.
     `down` is k stride-2 3×3 conv-BNs (D → S), ReLU between them (2D → 4D → ... → S)."""
 
     def __init__(self, semantic_channels: int, detail_channels: int, n_down: int):
@@ -49,10 +51,9 @@ class BilateralFusion(nn.Module):
                                     for i in range(n_down)))
 
     def forward(self, semantic: torch.Tensor, detail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        comp = self.compress(F.relu(semantic))
-        semantic = semantic + self.down(F.relu(detail))
-        detail = detail + resize(comp, detail.shape[2:])
-        return semantic, detail
+        semantic, detail = F.relu(semantic), F.relu(detail)
+        comp = self.compress(semantic)
+        return semantic + self.down(detail), detail + resize(comp, detail.shape[2:])
 
 
 class DAPPM(nn.Module):
@@ -126,8 +127,8 @@ class GCNet(nn.Module):
         size = x.shape[2:]
         x = self.stage3(self.stage2(self.stem(x)))                       # stages 1-3, H/8
         s, d = self.fusion4(self.semantic[0](x), self.detail[0](x))      # stage 4
-        aux = d  # the auxiliary head reads the detail branch after the first fusion
-        s, d = self.semantic[1](F.relu(s)), self.detail[1](F.relu(d))    # stage 5
+        aux = d  # the detail branch after the first fusion (the release clones it here)
+        s, d = self.semantic[1](F.relu(s)), self.detail[1](F.relu(d))    # stage 5: ReLU of the sums
         s, d = self.fusion5(s, d)
         s, d = self.semantic[2](F.relu(s)), self.detail[2](F.relu(d))    # stage 6
         logits = self.head(d + resize(self.dappm(s), d.shape[2:]))

@@ -2,7 +2,7 @@
 checkpoints and exact resume; several GPUs through `torchrun` (DistributedDataParallel).
 
     path = train(make_config("demo"))                  # → runs/gcnet-demo/last.pt
-    torchrun --nproc-per-node 4 -m gcnet train --dataset cityscapes --data-root data/cityscapes --sync-bn
+    torchrun --nproc-per-node 4 -m gcnet train --dataset cityscapes --data-root data/cityscapes   # SyncBN
 
 Exact resume: the data a step sees is a function of (seed, sample number) alone (`TrainSamples`),
 and a checkpoint holds everything else that changes during training (weights, BN statistics,
@@ -30,12 +30,13 @@ from tqdm import tqdm
 
 from reparam.export import write_atomic
 
-from .checkpoint import load as load_weights
+from .checkpoint import load as load_weights, read_object
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .evaluate import evaluate
 from .losses import GCNetLoss
 from .model import FACTORIES, GCNet
-from .presets import (PRESETS, TrainConfig, add_config_flags, config_from_dict, dataset_for, make_config,
-                      overrides_from_args)
+from .presets import (PRESETS, TrainConfig, add_config_flags, config_from_dict, dataset_for, describe,
+                      overrides_from_args, resolve)
 from .transforms import train_transform
 
 CHECKPOINT_FORMAT = "gcnet-train/1"
@@ -74,7 +75,7 @@ class TrainSamples(Dataset):
         image, label = self.dataset[int(self._order[pos])]
         c = self.config
         return train_transform(image, label, np.random.default_rng([c.seed, 1, k]), c.crop_size,
-                               c.ratio_range, c.base_size)
+                               c.ratio_range, c.base_size, c.cat_max_ratio, c.photometric)
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -87,15 +88,10 @@ def save_atomic(obj, path: Path) -> None:
 
 def read_checkpoint(path) -> dict:
     """A checkpoint written by `train`, for resuming (weights_only: loading runs no code from the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing checkpoint: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    state = read_object(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a gcnet checkpoint (no 'model' and 'config' entries)")
+        raise CheckpointError(f"{path}: not a gcnet train checkpoint (no 'model' and 'config' entries); "
+                              "--resume continues a gcnet train run, --init-from starts from any weights")
     return state
 
 
@@ -138,18 +134,53 @@ def load_matching(model: nn.Module, state_dict: dict) -> list[str]:
 # --- the loop -----------------------------------------------------------------------------
 
 class CsvLog:
-    """Rows of training and validation numbers in `<out_dir>/log.csv`, appended across resumes."""
+    """Rows of training and validation numbers in `<out_dir>/log.csv`, appended across resumes.
+
+    Rows past iteration `start` are dropped when the log is opened: a run resumed from an
+    earlier checkpoint replays those iterations and logs them again, once."""
     FIELDS = ("iteration", "loss", "main_loss", "aux_loss", "lr", "images_per_s", "eta_s", "val_miou", "val_acc")
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, start: int = 0):
         self.path = path
-        if not path.exists():
-            with path.open("w", newline="") as f:
-                csv.writer(f).writerow(self.FIELDS)
+        rows = []
+        if path.exists():
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("iteration", "").isdigit() and int(r["iteration"]) <= start]
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        write_atomic(path, True, write)
 
     def write(self, **row) -> None:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.FIELDS).writerow(row)
+
+
+def remove_stale_temp_files(checkpoint: Path) -> list[Path]:
+    """Delete the temp files that killed writes of `checkpoint` left (`write_atomic` names them
+    `.<name>.<pid>.tmp<suffix>`), unless their process still runs; returns the paths removed."""
+    removed = []
+    for tmp in checkpoint.parent.glob(f".{checkpoint.name}.*.tmp*"):
+        pid = tmp.name[len(checkpoint.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _init_distributed() -> tuple[int, int, int]:
@@ -189,30 +220,51 @@ def train(config: TrainConfig, resume=None) -> Path:
             dist.destroy_process_group()
 
 
+def criterion_for(config: TrainConfig) -> GCNetLoss:
+    """The recipe's loss: OHEM (threshold, min_kept per call, class weights) on both heads."""
+    return GCNetLoss(config.ohem_thresh, config.min_kept, config.aux_weight, class_weight=config.class_weight)
+
+
+def with_sync_bn(model: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """The release trains on several GPUs with SyncBN: BN statistics over the whole batch, not
+    each GPU's share. torch's SyncBatchNorm runs on CUDA only: other devices keep per-process BN."""
+    if world == 1:
+        return model
+    if device.type != "cuda":
+        tqdm.write(f"{world} processes on {device.type}: SyncBN needs CUDA, each process keeps its own BN statistics")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.device) -> Path:
+    if config.init_required and not config.init_from and resume is None:
+        raise ConfigError(f"the release fine-tunes {config.dataset} from Cityscapes weights: pass --init-from "
+                          "CHECKPOINT (the release's Cityscapes .pth, or best.pt of a gcnet cityscapes run), or "
+                          "--no-init-required to train from random weights on purpose")
     out = Path(config.out_dir)
     last = out / "last.pt"
     if resume is None and last.exists() and not config.overwrite:
         raise FileExistsError(f"{last} exists: pass --resume to continue that run, --overwrite to "
                               f"start over in {out}, or another --out-dir")
     if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
+        raise ConfigError(f"--batch-size {config.batch_size} does not split over {world} processes")
+    # read first: a bad file fails before any data is touched
+    init = load_weights(config.init_from, variant=config.variant) if config.init_from and resume is None else None
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
 
     train_set = dataset_for(config, config.train_splits)
     val_set = dataset_for(config, config.val_split)
     classes, palette = train_set.classes, train_set.palette
     model = build_model(config.variant, len(classes), config.n_paths)
-    if config.init_from and resume is None:
-        skipped = load_matching(model, load_weights(config.init_from, variant=config.variant).state_dict())
+    if init is not None:
+        skipped = load_matching(model, init.state_dict())
         if rank == 0 and skipped:
             tqdm.write(f"init_from {config.init_from}: kept the initial {len(skipped)} tensors that do not "
                        f"match in name or shape: {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}")
-    model.to(device)
-    if world > 1 and config.sync_bn:
-        if device.type != "cuda":
-            raise ValueError("--sync-bn needs GPUs (torch's SyncBatchNorm runs on CUDA only); drop it on the CPU")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config.class_weight is not None and len(config.class_weight) != len(classes):
+        raise ConfigError(f"--class-weight has {len(config.class_weight)} values but {config.dataset} has "
+                          f"{len(classes)} classes")
+    model = with_sync_bn(model.to(device), world if config.sync_bn else 1, device)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
 
@@ -220,7 +272,7 @@ def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.dev
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.iters, power=config.poly_power)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-    criterion = GCNetLoss(config.ohem_thresh, config.min_kept, config.aux_weight)
+    criterion = criterion_for(config).to(device)
     start, best = 0, -1.0
     if resume is not None:
         state = read_checkpoint(resume)
@@ -244,7 +296,9 @@ def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.dev
                         pin_memory=device.type == "cuda")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    log = CsvLog(out / "log.csv") if rank == 0 else None
+        for stale in remove_stale_temp_files(last) + remove_stale_temp_files(out / "best.pt"):
+            tqdm.write(f"removed {stale}: a checkpoint write that was killed")
+    log = CsvLog(out / "log.csv", start) if rank == 0 else None
     bar = tqdm(total=config.iters, initial=start, desc="train", dynamic_ncols=True,
                disable=rank != 0 or not config.progress)
     window = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "t": time.perf_counter()}
@@ -256,6 +310,10 @@ def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.dev
                             enabled=config.amp):
             outputs = net(images)
         loss, main, aux = criterion(outputs, labels)  # in float32: the criterion casts
+        if not _finite_everywhere(loss, world):  # before the step: the weights stay as they were
+            raise TrainingDiverged(f"the loss is {loss.item():g} at iteration {it} (main {main.item():g}, aux "
+                                   f"{aux.item():g}): training diverged; last good checkpoint: "
+                                   f"{last if last.exists() else 'none yet'}. Lower --lr, or check the data")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -284,6 +342,14 @@ def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.dev
     if start >= end and rank == 0:
         tqdm.write(f"nothing to do: {resume} is at iteration {start} of {config.iters}")
     return last
+
+
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every process (all of them stop together, none hangs)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def _log_train(window: dict, it: int, config: TrainConfig, optimizer, log: CsvLog | None, bar) -> None:
@@ -321,18 +387,18 @@ def _hms(seconds: float) -> str:
 
 # --- command line -------------------------------------------------------------------------
 
-def config_for_args(args) -> tuple[TrainConfig, Path | None]:
-    """(config, checkpoint to resume or None) from `gcnet train`'s arguments.
-
-    A resumed run starts from the checkpoint's own config; flags and a config file still
-    override it (`stop_at` is cleared, or the run would stop where it paused)."""
+def config_for_args(args) -> tuple[TrainConfig, Path | None, dict[str, str]]:
+    """(config, checkpoint to resume or None, where each value came from) from `gcnet train`'s
+    arguments. A resumed run starts from the checkpoint's own config; flags and a config file
+    still override it (`stop_at` is cleared, or the run would stop where it paused)."""
     overrides = overrides_from_args(args)
-    config = make_config(overrides.get("dataset", "demo"), args.config, overrides)
+    config, sources = resolve(overrides.get("dataset", "demo"), args.config, overrides)
     if args.resume is None:
-        return config, None
+        return config, None, sources
     resume = Path(config.out_dir) / "last.pt" if args.resume == "auto" else Path(args.resume)
     saved = config_from_dict(read_checkpoint(resume)["config"])
-    return make_config(replace(saved, stop_at=None), args.config, overrides), resume
+    config, sources = resolve(replace(saved, stop_at=None), args.config, overrides, origin=f"checkpoint {resume}")
+    return config, resume, sources
 
 
 def register(subparsers) -> None:
@@ -343,13 +409,20 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="JSON or TOML file of recipe overrides (keys as the flags, with _)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run exactly (default checkpoint: <out-dir>/last.pt)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe (each value and where it came from) and exit")
     add_config_flags(p)
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    config, resume = config_for_args(args)
+    config, resume, sources = config_for_args(args)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    if rank0 or args.print_config:
+        print(describe(config, sources) + (f"\nresuming {resume}" if resume else ""), flush=True)
+    if args.print_config:
+        return 0
     last = train(config, resume)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank0:
         print(last)
     return 0

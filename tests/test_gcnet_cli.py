@@ -1,10 +1,12 @@
 """The `gcnet` command line: subcommand discovery, info, bench, convert."""
 import csv
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from gcnet import GCNET_S, cli, gcnet_s
+from gcnet import GCNET_S, bench, cli, gcnet_s
 from gcnet import checkpoint as ck
 from gcnet.model import FACTORIES
 
@@ -46,36 +48,110 @@ def test_bench_sweep_writes_csv_and_plot(small_s, tmp_path, capsys):
     assert cli.main(["bench", "--variant", "s", "--sizes", "32x64,64x128", "--warmup", "0",
                      "--repeats", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "release/training" in out and "fused/release" in out
-    with open(tmp_path / "gcnet_s_cpu_float32.csv") as f:
+    assert "protocol ours: 0 warm-up passes, then per-pass timing" in out and "interquartile range" in out
+    with open(tmp_path / "gcnet_s_cpu.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["form"], r["height"]) for r in rows] == [
-        (form, h) for h in ("32", "64") for form in ("training", "release", "fused")]
-    assert all(float(r["fps"]) > 0 for r in rows)
-    assert (tmp_path / "gcnet_s_cpu_float32.png").read_bytes()[:4] == b"\x89PNG"
+    assert [(r["protocol"], r["form"], r["setting"], r["height"]) for r in rows] == [
+        ("ours", form, "fp32", h) for h in ("32", "64") for form in ("fused", "training")]
+    assert all(0 < float(r["fps_low"]) <= float(r["fps"]) <= float(r["fps_high"]) for r in rows)
+    assert (tmp_path / "gcnet_s_cpu.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_half_precision_channels_last(small_s, capsys):
-    assert cli.main(["bench", "--sizes", "32x64", "--dtype", "bfloat16", "--channels-last",
-                     "--warmup", "0", "--repeats", "1"]) == 0
-    assert "bfloat16, channels-last" in capsys.readouterr().out
+def test_bench_prints_both_protocols_and_labels_the_release_form(small_s, capsys):
+    assert cli.main(["bench", "--sizes", "32x64", "--protocol", "both", "--forms", "fused", "release",
+                     "--warmup", "1", "--repeats", "2", "--seconds", "0.01", "--builds", "2"]) == 0
+    out = capsys.readouterr().out
+    ours, release = out.split("protocol release: ")
+    assert "protocol ours: 1 warm-up passes" in ours
+    assert release.startswith("the release's speed script (its own runs: fp32): 1 warm-up passes, "
+                              "back-to-back passes over 0.01 s with one synchronisation at each end")
+    assert "mean of 2 builds" in release
+    for part in (ours, release):
+        assert "fused" in part and "folds DAPPM's pre-activation BNs as if they followed the conv" in part
 
 
-def test_convert_writes_our_training_form(tmp_path, capsys):
-    path = tmp_path / "release.pth"
-    torch.save({"state_dict": random_release_state_dict(ck.replace(GCNET_S, **SMALL))}, path)
-    out = ck.convert(path, "s", tmp_path / "ours.safetensors", **SMALL)  # the CLI takes presets only
-    assert ck.load(out).config.channels == 8
-    # the full-size preset does not fit this checkpoint: the CLI says which keys, exit status 1
-    assert cli.main(["convert", str(path), "--variant", "s", "--out", str(tmp_path / "x.safetensors")]) == 1
-    err = capsys.readouterr().err
-    assert "shape mismatch" in err and "backbone.stem.0.conv.weight: (8, 3, 3, 3) vs (32, 3, 3, 3)" in err
-    assert not (tmp_path / "x.safetensors").exists()
+def test_bench_settings_columns_on_the_cpu(small_s, capsys):
+    timings = bench.bench("s", [(32, 64)], forms=("fused",), settings=("fp32", "fp16", "bf16", "channels-last",
+                          "compile"), warmup=0, repeats=1, compile_backend="eager")  # eager: no compiler needed
+    assert [t.setting for t in timings] == ["fp32", "fp16", "bf16", "channels-last", "compile"]
+    assert all((t.fps > 0) != bool(t.error) for t in timings)  # a number, or n/a with its reason
+    assert not any(t.error for t in timings if t.setting in ("fp32", "bf16", "channels-last", "compile"))
+    assert "n/a" not in bench.table(timings) or "n/a fp16:" in bench.table(timings)
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+
+    def forward(self, x):
+        self.events.append("pass" if torch.backends.cudnn.benchmark else "pass without cudnn.benchmark")
+        return x
+
+
+def test_release_protocol_synchronises_once_at_each_end(monkeypatch):
+    events = []
+    monkeypatch.setattr(bench, "_synchronize", lambda device: events.append("sync"))
+    bench.throughput(_Recorder(events), torch.zeros(1), warmup=10, seconds=0.01)
+    assert events[:11] == ["pass"] * 10 + ["sync"]  # 10 warm-up passes first
+    assert events[-1] == "sync"
+    start = max(i for i in range(len(events) - 1) if events[i] == "sync")
+    assert len(events) - start - 2 >= 1 and set(events[start + 1:-1]) == {"pass"}  # the timed run: n passes
+
+
+def test_our_protocol_synchronises_after_each_pass(monkeypatch):
+    import reparam.stats
+    events = []
+    monkeypatch.setattr(reparam.stats, "_sync", lambda device: events.append("sync"))
+    monkeypatch.setattr(bench, "build_form", lambda form, variant, n_paths: _Recorder(events))
+    before = torch.backends.cudnn.benchmark
+    [timing] = bench.bench("s", [(4, 4)], forms=("fused",), warmup=3, repeats=5)
+    assert torch.backends.cudnn.benchmark == before  # restored
+    assert events[:6] == ["pass"] * 3 + ["sync", "pass", "sync"]  # warm-up (its timed pass discarded)
+    assert events[6:] == ["sync", "pass", "sync"] * 5  # each timed pass between two synchronisations
+    assert timing.fps_low <= timing.fps <= timing.fps_high
 
 
 def test_convert_cli_success(tmp_path, capsys):
     path = tmp_path / "release.pth"
     torch.save({"state_dict": random_release_state_dict(GCNET_S)}, path)
-    assert cli.main(["convert", str(path), "--variant", "s", "--out", str(tmp_path / "s.safetensors")]) == 0
-    assert "wrote" in capsys.readouterr().out
+    assert cli.main(["convert", str(path), "--out", str(tmp_path / "s.safetensors")]) == 0
+    assert "wrote" in (out := capsys.readouterr().out) and "GCNet-S, n_paths=2, 19 classes" in out
     assert ck.load(tmp_path / "s.safetensors").config == GCNET_S
+
+FIXTURE = Path(__file__).parent / "data" / "gcnet-release" / "release_s_c8_deploy.pth"
+BAD_FILES = {"empty.pth": b"", "truncated.pth": FIXTURE.read_bytes()[:100_000], "garbage.pth": b"\x80\x02}q" * 30,
+             "garbage.safetensors": b"\xff" * 100, "missing.pth": None}
+COMMANDS = {  # each reads the weights file it is given, and nothing else first
+    "convert": lambda f, tmp: ["convert", f, "--out", str(tmp / "out.safetensors")],
+    "eval": lambda f, tmp: ["eval", f, "--workers", "0"],
+    "predict": lambda f, tmp: ["predict", str(tmp / "image.png"), "--weights", f, "--out", str(tmp / "pred")],
+    "export": lambda f, tmp: ["export", "--checkpoint", f, "--out", str(tmp / "m.onnx"), "--size", "64", "64"],
+    "train --resume": lambda f, tmp: ["train", "--resume", f],
+    "train --init-from": lambda f, tmp: ["train", "--dataset", "demo", "--init-from", f, "--out-dir", str(tmp / "run"),
+                                         "--iters", "1", "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_unreadable_weights_give_one_line_naming_the_file(command, name, tmp_path, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "image.png")
+    path = tmp_path / name
+    if BAD_FILES[name] is not None:
+        path.write_bytes(BAD_FILES[name])
+    assert cli.main(COMMANDS[command](str(path), tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"gcnet: error: {path}: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "pred").exists()
+
+
+def test_convert_needs_no_variant_and_checks_one_given(tmp_path, capsys):
+    assert cli.main(["convert", str(FIXTURE), "--out", str(tmp_path / "c8.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "GCNet (in_channels=3, channels=8, stage_blocks=(4, 4)" in out and "n_paths=2, 19 classes" in out
+    assert ck.load(tmp_path / "c8.safetensors").config.channels == 8
+    assert cli.main(["convert", str(FIXTURE), "--variant", "s", "--out", str(tmp_path / "s.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "holds another model than GCNet-S: channels 8 in the file, 32 asked" in err
+    assert not (tmp_path / "s.safetensors").exists()

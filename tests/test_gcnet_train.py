@@ -1,6 +1,10 @@
 """gcnet train / eval on tiny generated datasets with the real GCNet-S; OHEM loss; exact resume."""
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gcnet import cli, gcnet_s
+from gcnet.errors import ConfigError
 from gcnet.evaluate import EvalResult, confusion_matrix, evaluate, load_for_inference
 from gcnet.losses import GCNetLoss, OhemCrossEntropy
 from gcnet.presets import PRESETS, dataset_for, make_config
@@ -17,7 +22,7 @@ from test_gcnet_datasets import SPLITS, make_layout
 
 # 64×64 crops of 64×96 images, batch 2, one or a few steps: wiring, not accuracy, is under test.
 TINY = dict(iters=1, batch_size=2, crop_size=(64, 64), base_size=None, eval_size=None, workers=0,
-            min_kept=512, progress=False)
+            min_kept=1024, progress=False, init_required=False)
 
 
 def tiny_config(name, root, out, **overrides):
@@ -61,7 +66,7 @@ def test_resume_is_exact(tmp_path):
     assert whole["scheduler"]["last_epoch"] == parts["scheduler"]["last_epoch"] == 4
 
 
-def test_cli_train_pause_and_resume_with_amp(tmp_path):
+def test_cli_train_pause_and_resume_with_amp(tmp_path, capsys):
     root = make_layout("folder", tmp_path / "data", n=1)
     run = tmp_path / "run"
     args = ["train", "--dataset", "folder", "--data-root", str(root), "--out-dir", str(run), "--iters", "2",
@@ -69,8 +74,8 @@ def test_cli_train_pause_and_resume_with_amp(tmp_path):
             "--amp"]  # bfloat16 autocast on the CPU
     assert cli.main(args + ["--stop-at", "1"]) == 0
     assert read_checkpoint(run / "last.pt")["iteration"] == 1
-    with pytest.raises(FileExistsError, match="--resume"):  # a run is there: never start over silently
-        cli.main(args)
+    assert cli.main(args) == 1  # a run is there: never start over silently
+    assert "last.pt exists: pass --resume" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(run / "last.pt")]) == 0  # the saved config carries on
     assert read_checkpoint(run / "last.pt")["iteration"] == 2
     with open(run / "log.csv") as f:
@@ -85,8 +90,7 @@ def test_config_file_and_flags_override_the_preset(tmp_path):
     config = make_config("cityscapes", file, {"iters": 20})
     assert (config.lr, config.iters, config.crop_size) == (0.02, 20, (32, 48))
     assert config.min_kept == 131072 and config.aux_weight == 0.4  # the recipe's
-    assert PRESETS["camvid"].train_splits == ("train", "val") and PRESETS["camvid"].val_split == "test"
-    with pytest.raises(KeyError, match="unknown config key 'lr_rate'"):
+    with pytest.raises(ConfigError, match="unknown config key 'lr_rate'"):
         make_config("voc", overrides={"lr_rate": 1})
 
 
@@ -131,15 +135,15 @@ def test_ohem_keeps_only_hard_pixels():
     assert torch.isclose(OhemCrossEntropy(min_kept=12)(logits, labels), pixel.sort(descending=True).values[:12].mean())
 
 
-def test_ohem_min_kept_counts_per_image_and_logits_are_upsampled():
+def test_ohem_upsamples_the_logits_to_the_labels():
     labels = torch.zeros(2, 8, 8, dtype=torch.long)
     logits = torch.full((2, 3, 4, 4), -3.0)
     logits[:, 0] = 3.0  # every pixel easy (p > 0.9) ...
     logits[:, 0, 0, 0] = 2.5  # ... some less so
-    loss = OhemCrossEntropy(min_kept=4)(logits, labels)
+    loss = OhemCrossEntropy(min_kept=8)(logits, labels)
     up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
     per_pixel = F.cross_entropy(up, labels, reduction="none").flatten().sort(descending=True).values
-    assert torch.isclose(loss, per_pixel[:8].mean())  # 4 per image, 2 images
+    assert torch.isclose(loss, per_pixel[:8].mean())  # the 8 hardest of the whole batch
 
 
 def test_ohem_with_every_pixel_ignored_is_zero_with_a_gradient():
@@ -163,3 +167,92 @@ def test_miou_ignores_absent_classes_and_the_ignore_label():
     assert result.iou[:2].tolist() == [0.5, 2 / 3] and np.isnan(result.iou[2].item())
     assert result.miou == pytest.approx((0.5 + 2 / 3) / 2) and result.accuracy == 0.75
     assert "n/a" in result.table()
+
+
+# --- a run that cannot be misconfigured silently ------------------------------------------
+
+QUICK = ["train", "--iters", "2", "--batch-size", "2", "--crop-size", "64", "64", "--workers", "0", "--no-progress"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
+    (["--ckpt-every", "0"], "--ckpt-every must be at least 1, got 0"),
+    (["--ratio-range", "2", "0.5"], "--ratio-range must be LOW HIGH with 0 < LOW <= HIGH, got 2.0 0.5"),
+    (["--crop-size", "0", "0"], "--crop-size must be two sizes of at least 1 (H W), got 0 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--iters", "-5"], "--iters must be at least 1, got -5"),
+    (["--val-every", "-1"], "--val-every must be 0 (validate at the end only) or more, got -1"),
+])
+def test_each_bad_flag_is_one_clear_error_before_any_work(flag, message, tmp_path, capsys):
+    assert cli.main(QUICK + ["--out-dir", str(tmp_path / "run")] + flag) == 2
+    assert capsys.readouterr().err == f"gcnet: error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_shows_each_value_and_where_it_came_from(tmp_path, capsys):
+    file = tmp_path / "recipe.toml"
+    file.write_text("iters = 10\nlr = 0.5\n")
+    assert cli.main(["train", "--dataset", "cityscapes", "--config", str(file), "--lr", "0.02",
+                     "--out-dir", str(tmp_path / "run"), "--print-config"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["lr"].split()[1:] == ["0.02", "flag", "--lr"]
+    assert lines["iters"].split()[1:] == ["10", "config", "file", str(file)]
+    assert lines["min_kept"].split()[1:] == ["131072", "preset", "cityscapes"]
+    assert lines["class_weight"].split()[1] == "0.8373" and lines["class_weight"].endswith("preset cityscapes")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_nan_loss_stops_the_run_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    import gcnet.train as gt
+    real = gt.criterion_for
+
+    class Poisoned(torch.nn.Module):  # the second step's loss is NaN
+        def __init__(self, config):
+            super().__init__()
+            self.criterion, self.calls = real(config), 0
+
+        def forward(self, outputs, labels):
+            self.calls += 1
+            loss, main, aux = self.criterion(outputs, labels)
+            return (loss * float("nan") if self.calls == 2 else loss), main, aux
+
+    monkeypatch.setattr(gt, "criterion_for", Poisoned)
+    root = make_layout("folder", tmp_path / "data", n=1)
+    args = QUICK + ["--dataset", "folder", "--data-root", str(root), "--out-dir", str(tmp_path / "run"),
+                    "--iters", "3", "--ckpt-every", "1", "--min-kept", "1024"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gcnet: error: the loss is nan at iteration 2") and err.count("\n") == 1
+    assert f"last good checkpoint: {tmp_path / 'run' / 'last.pt'}" in err
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 1
+
+
+def test_a_killed_checkpoint_write_leaves_no_temp_file_on_the_next_start(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # a process that dies between writing the temp file and renaming it, as a kill would leave it
+    subprocess.run([sys.executable, "-c", "import os, sys, torch; from gcnet.train import save_atomic; "
+                    "os.replace = lambda *a: os._exit(9); save_atomic({'x': torch.ones(1000)}, "
+                    f"__import__('pathlib').Path({str(run / 'last.pt')!r}))"], check=False, cwd=Path(__file__).parents[1])
+    stale = list(run.glob(".last.pt.*.tmp*"))
+    assert len(stale) == 1 and not (run / "last.pt").exists()
+    alive = run / f".best.pt.{os.getppid()}.tmp.pt"  # a write still going on in a live process
+    alive.write_bytes(b"partial")
+    root = make_layout("folder", tmp_path / "data", n=1)
+    train(tiny_config("folder", root, run))
+    assert not stale[0].exists() and alive.exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [alive.name]
+
+
+def test_resume_does_not_log_replayed_iterations_twice(tmp_path):
+    root = make_layout("folder", tmp_path / "data", n=1)
+    config = lambda **o: tiny_config("folder", root, tmp_path / "run", iters=3, log_every=1, **o)
+    train(config(stop_at=2))
+    earlier = tmp_path / "at2.pt"
+    earlier.write_bytes((tmp_path / "run" / "last.pt").read_bytes())
+    train(config(), resume=tmp_path / "run" / "last.pt")  # iteration 3 logged, then "killed" ...
+    train(config(), resume=earlier)  # ... and resumed from the checkpoint at 2: iteration 3 again
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["iteration"] for r in rows if r["loss"]] == ["1", "2", "3"]
+    assert [r["iteration"] for r in rows if r["val_miou"]] == ["3"]
