@@ -169,3 +169,36 @@ def test_inplace_operators_are_recorded_by_the_tracer():
             return x
     gm = fx.GraphModule(nn.Module(), trace.ConcreteParamTracer().trace(M()))
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [operator.setitem, operator.imul]
+
+
+class ReturnsCopy(nn.Module):
+    """A copy the model returns: the caller may write it, which must not write the model's
+    input (or its weights)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        if self.how == "clone-of-written-input":
+            y = x.clone()
+            x.add_(1)
+            return y
+        if self.how == "times-one-of-input":
+            return x * 1
+        return self.w + 0  # a copy of a weight
+
+
+@pytest.mark.parametrize("how", ["clone-of-written-input", "times-one-of-input", "plus-zero-of-weight"])
+def test_a_returned_copy_is_kept(how):
+    model, x = ReturnsCopy(how), torch.randn(3)
+    fused = reparam.fuse(model)
+    a, b = x.clone(), x.clone()
+    with torch.no_grad():
+        want, got = model(a), fused(b)
+    assert torch.equal(want, got) and torch.equal(a, b)
+    got.mul_(0)  # the caller writes what it got back
+    assert torch.equal(b, a)
+    with torch.no_grad():
+        assert torch.equal(fused(x.clone()), model(x.clone()))

@@ -17,6 +17,8 @@ def fold_constants(node: fx.Node, g: Graph):
     inputs = node.all_input_nodes
     if not inputs or not all(g.is_const(n) for n in inputs):
         return None
+    if any(u.op == "output" for u in node.users):
+        return None  # returned: a stored constant the caller could write
     name = getattr(node.target, "__name__", str(node.target))
     if any(r in name for r in _RANDOM) or node.target in INPLACE or name.endswith("_"):
         return None
@@ -71,4 +73,15 @@ def remove_identity(node: fx.Node, g: Graph):
     x = _identity_input(node, g) if node.op != "placeholder" else None
     if not isinstance(x, fx.Node) or _mutated(node) or node.target in INPLACE:
         return None
+    if _returned_copy(node, x, g):
+        return None
     return Rewrite("remove_identity", node, [(x, 1.0)], [node], node.name)
+
+
+def _returned_copy(node: fx.Node, x: fx.Node, g: Graph) -> bool:
+    """`node` is a fresh copy the graph returns, of an input, a weight or another output: the
+    caller may write what it gets back, which must not write those."""
+    if node.op == "call_module" or is_op(node, DROPOUT_FNS):
+        return False  # Identity and eval Dropout return their input itself: nothing changes
+    out = [u for u in node.users if u.op == "output"]
+    return bool(out) and (x.op in ("placeholder", "get_attr") or any(x in u.all_input_nodes for u in out))
