@@ -891,6 +891,10 @@ def check_vetted(report):
 def check_low_precision(case: Case, dtype: torch.dtype):
     """The case's float32 model cast to fp16/bf16 fuses to the same dtype, within LOWP_TOL of
     its float32 function, with one conv (none where it had none) and no BN left."""
+    # torch 2.14's CPU bfloat16 conv2d with different strides per axis reads outside its input:
+    # results off by O(1) (measured 0.7-1e35 relative) and, now and then, a segfault
+    assume(dtype != torch.bfloat16 or all(len(set(m.stride)) == 1 for m in case.model.modules()
+                                          if isinstance(m, nn.modules.conv._ConvNd)))
     low = copy.deepcopy(case.model).to(dtype)
     fused = reparam.fuse(low, max_macs_ratio=math.inf)
     x = case.x.to(dtype)
@@ -898,8 +902,7 @@ def check_low_precision(case: Case, dtype: torch.dtype):
         # the float32 function of the same rounded weights
         reference = copy.deepcopy(low).float()(x.float())
         # the backend's own low-precision kernels must be accurate here for a comparison to mean
-        # anything (torch 2.14's CPU bfloat16 conv2d with stride and dilation > 1 on one axis is
-        # off by O(1): measured 0.8-2.5 relative on random inputs, fused or not)
+        # anything
         assume(rel_error(reference, low(x).float()) <= LOWP_TOL[dtype])
         out = fused(x)
     assert out.dtype == dtype
