@@ -73,9 +73,11 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = F
     work.eval()
     with torch.no_grad():
         _prepare(work, inputs)
-        if inputs is None:
-            fused, report = _fuse_report(work, None, max_macs_ratio, engine.Budget())
-            report.before, report.after = count(work), count(fused)
+        on_meta = any(t.is_meta for t in [*tree_leaves(inputs), *work.parameters(), *work.buffers()]
+                      if isinstance(t, torch.Tensor))
+        if inputs is None or on_meta:  # nothing to compare (on meta: nothing is computed)
+            fused, report = _fuse_report(work, inputs, max_macs_ratio, engine.Budget())
+            report.before, report.after = count(work, fresh(inputs)), count(fused, fresh(inputs))
         else:
             args = fresh(inputs)
             try:
@@ -234,42 +236,47 @@ def _fuse_report(work, inputs, ratio, budget) -> tuple[nn.Module, Report]:
 
 def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, scopes=None,
           budget: engine.Budget | None = None) -> nn.Module:
-    """`module` (at `path`) fused as one graph, else a copy whose children are fused. `scopes`:
-    where a graph of the whole model merged ops of different children (None: not known yet).
-    `module` itself is left as it is."""
+    """`module` (at `path`) fused. A module becomes one fused graph only where a merge combines
+    ops of different children of it (a merge scope); elsewhere it keeps its class and Python
+    code, and its children are fused: iterating it and calling its methods still work, and
+    eager glue runs faster than a graph. `scopes`: the merge scopes an enclosing graph found
+    (None: not known yet). `module` itself is left as it is."""
     prefix = f"{path}." if path else ""
     if trace.has_hooks(module):
         report.skipped.append(Skip("fuse", path or "<root>", "the module has forward hooks: kept as it is "
                                                              "(its children are fused)"))
         return _fuse_children(module, inputs, path, report, ratio, scopes, budget)
-    exportable = inputs if scopes is None or path in scopes else None
-    gm, errors = trace.trace(module, fresh(exportable))
-    outcome = None
-    if gm is not None and errors:
-        # torch.export's graph runs slower than eager glue code: keep it only where it merged
-        # ops of different children (or, without children, where it merged anything at all)
-        outcome = _run_engine(gm, inputs, path, report, ratio, budget)
-        found = {prefix + s if s else path for s in _merge_scopes(gm)}
-        scopes = found if scopes is None else scopes | found
-        if path not in scopes and (list(module.children()) or not outcome.applied):
-            gm, outcome = None, None
-        elif getattr(gm, "reparam_static", None):
-            report.notes.append(f"the exported graph of '{path or '<root>'}' is shape-specialized: it accepts "
-                                f"inputs of shape {', '.join('(' + ', '.join(map(str, s)) + ')' for s in gm.reparam_static)} only "
-                                "(* is any size)")
-    if gm is None:
-        if errors:
-            report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
-        if not list(module.children()):
-            return module
+    if scopes is not None and path not in scopes:
+        if not list(module.children()) or not any(s.startswith(prefix) for s in scopes):
+            return module  # nothing merges in here
         return _fuse_children(module, inputs, path, report, ratio, scopes, budget)
-    outcome = outcome or _run_engine(gm, inputs, path, report, ratio, budget)
+    gm, errors = trace.trace(module, fresh(inputs))
+    if gm is None:
+        report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
+        return _fuse_children(module, inputs, path, report, ratio, None, budget) if list(module.children()) \
+            else module
+    here = Report()
+    if errors:
+        here.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
+    outcome = _run_engine(gm, inputs, path, here, ratio, budget)
+    found = {prefix + s if s else path for s in _merge_scopes(gm)}
+    if found and path not in found and list(module.children()):
+        trial = Report()
+        kept = _fuse_children(module, inputs, path, trial, ratio, found, budget)
+        if _made(kept) == _made(gm):  # every merge again, below this module: keep its Python
+            report.extend(trial)
+            return kept
+    report.extend(here)
     report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
     report.skipped += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.refused]
     report.unchecked += [f"{prefix}{u}" for u in outcome.unchecked]
     report.faults += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.faults]
     if not outcome.applied and not _has_hooked(gm):
         return module  # nothing merged: the module itself is exact, and keeps its class
+    if getattr(gm, "reparam_static", None):
+        shapes = ", ".join("(" + ", ".join(map(str, s)) + ")" for s in gm.reparam_static)
+        report.notes.append(f"the exported graph of '{path or '<root>'}' is shape-specialized: it accepts "
+                            f"inputs of shape {shapes} only (* is any size)")
     for name, value in vars(module).items():  # what the caller may read: `self.attn.resolution`
         if not (name.startswith("_") or name == "training" or name in vars(gm)
                 or isinstance(value, (nn.Module, torch.Tensor))):
@@ -278,28 +285,37 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
     return gm
 
 
+def _made(model: nn.Module) -> int:
+    """How many ops fusing made, in all the graphs of `model`."""
+    return sum(n.meta.get("reparam_new", False) for m in model.modules() if isinstance(m, fx.GraphModule)
+               for n in m.graph.nodes)
+
+
 def _fuse_children(module, inputs, path, report, ratio, scopes, budget, observed=None,
-                   elements_loose=False) -> nn.Module:
+                   plan=None) -> nn.Module:
     """A shallow copy of `module` (same class, code, hooks and attributes) with its children
     fused; a child the module uses as a collection (see `usage`) keeps its class too.
-    observed: ids of the modules seen used as collections (with example inputs), else read from
-    the source; elements_loose: the parent reaches into this module's children themselves."""
+    observed: ids of the modules seen used as collections (with example inputs); plan: how the
+    parent uses this module ((levels, tail) of `usage.from_source`; None: not as a collection)."""
     child_inputs = {}
     if inputs is not None:
         child_inputs, observed = usage.observe(module, fresh(inputs))
+    names = [name for name, _ in module.named_children()]
     if observed is not None:
-        loose = {name for name, c in module.named_children() if id(c) in observed}
-        deep = loose
-    elif elements_loose:
-        loose = deep = {name for name, _ in module.named_children()}
-    else:
-        loose, deep = usage.from_source(module)
+        uses = {name: (1, "observed") if id(getattr(module, name)) in observed else usage.WHOLE for name in names}
+    elif plan is not None and plan[0] > 1:  # its children are collections too
+        uses = dict.fromkeys(names, (plan[0] - 1, plan[1]))
+    elif plan is not None and plan[1] == "call":  # its children are called whole
+        uses = dict.fromkeys(names, usage.WHOLE)
+    else:  # its own code (or the parent's reach into it) decides
+        uses = usage.from_source(module)
     out = copy.copy(module)
     out._modules = type(module._modules)(module._modules)
     for name, child in module.named_children():
         sub = f"{path}.{name}" if path else name
-        if name in loose:  # keeps its class; its children are fused
-            fused = _fuse_children(child, None, sub, report, ratio, scopes, budget, observed, name in deep) \
+        if uses[name] != usage.WHOLE:  # a collection: keeps its class, its children are fused
+            below = None if uses[name][1] == "observed" else uses[name]
+            fused = _fuse_children(child, None, sub, report, ratio, scopes, budget, observed, below) \
                 if list(child.children()) else child
         else:
             fused = _fuse(child, child_inputs.get(name), sub, report, ratio, scopes, budget)

@@ -40,6 +40,11 @@ class Report:
     after: Stats | None = None
     max_rel_error: float | None = None
 
+    def extend(self, other: "Report"):
+        """Add what `other` (the report of a part of the model) holds."""
+        for name in ("rewrites", "skipped", "untraced", "notes", "unchecked", "faults"):
+            getattr(self, name).extend(getattr(other, name))
+
     def table(self) -> str:
         return stats_table({"before": self.before, "after": self.after})
 

@@ -20,6 +20,7 @@ import operator
 import torch
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.utils._sympy.numbers import int_oo
 from torch.utils._pytree import tree_map
 
 from . import mutation
@@ -135,11 +136,13 @@ def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             ep = torch.export.export(model, inputs, strict=False)
         ep = ep.run_decompositions({})
     gm = ep.module()
+    for m in gm.modules():  # traced in eval mode; its .eval() refuses to run, so say it directly
+        m.training = False
     _canonical_batch_norm(gm)
     for n in gm.graph.nodes:
         if mutation.written(n, {}) is not None and not _copy_at_end(n):
             raise mutation.Refused(f"the exported graph still writes in place at '{n.name}'")
-    gm.reparam_static = _static_sizes(gm)
+    gm.reparam_static = _static_sizes(gm, ep.range_constraints)
     return gm
 
 
@@ -153,15 +156,23 @@ def _copy_at_end(node: fx.Node) -> bool:
     return True
 
 
-def _static_sizes(gm: fx.GraphModule) -> list[tuple]:
-    """The input shapes of an exported graph ('*' for a size it lets vary) where it fixes a size
-    other than the channel count (dim 1), else []."""
+def _static_sizes(gm: fx.GraphModule, ranges: dict) -> list[tuple]:
+    """The input shapes of an exported graph ('*' for a size it lets vary freely, 'lo..hi' for a
+    size it bounds) where it fixes or bounds a size other than the channel count (dim 1), else []."""
+    def size(s):
+        if is_concrete_int(s):
+            return int(s)
+        vr = ranges.get(s.node.expr)
+        lo, hi = (vr.lower, vr.upper) if vr is not None else (2, None)
+        bounded = vr is not None and (vr.upper != int_oo or int(lo) > 2)
+        return f"{lo}..{hi}" if bounded else "*"
+
     shapes = []
     for n in gm.graph.nodes:
         val = n.meta.get("val") if n.op == "placeholder" else None
         if isinstance(val, torch.Tensor):
-            shapes.append(tuple(int(s) if is_concrete_int(s) else "*" for s in val.shape))
-    fixed = any(isinstance(s, int) for shape in shapes for i, s in enumerate(shape) if i != 1 or len(shape) < 2)
+            shapes.append(tuple(size(s) for s in val.shape))
+    fixed = any(s != "*" for shape in shapes for i, s in enumerate(shape) if i != 1 or len(shape) < 2)
     return shapes if fixed else []
 
 

@@ -60,57 +60,84 @@ def observe(module: nn.Module, inputs) -> tuple[dict[str, tuple], set[int]]:
     return {name: c[0] for name, c in calls.items() if len(c) == 1}, loose
 
 
-def from_source(module: nn.Module) -> tuple[set[str], set[str]]:
-    """(the direct children that `module`'s class source does not only call as `self.<name>(...)`,
-    those of them whose elements are themselves not only called: `for m in self.blocks[i]`).
-    Construction in `__init__` aside; where the source cannot be read, every child."""
-    names = {name for name, _ in module.named_children()}
+# how a parent uses a child: (levels, tail). levels = how many levels down it is a collection
+# (0: called whole); below them the elements are called ("call") or, where the parent reaches
+# in by an attribute (`self.body.features(x)`), their own class's source decides ("source")
+WHOLE, UNKNOWN = (0, "call"), (99, "source")
+
+
+def from_source(module: nn.Module) -> dict[str, tuple[int, str]]:
+    """How `module`'s class source uses each direct child (see WHOLE); construction in
+    `__init__` aside. A child the source never names as `self.<name>` (reached by getattr or
+    `self.children()`), or every child where the source cannot be read: UNKNOWN."""
+    names = [name for name, _ in module.named_children()]
     if type(module) in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
-        return set(), set()  # torch's containers call each child whole (or are iterated by their parent)
-    called, other, deep = set(), set(), set()
+        return dict.fromkeys(names, WHOLE)  # torch's containers call each child whole
+    uses: dict[str, list] = {}
     for cls in type(module).__mro__:
         if cls.__module__.startswith("torch.nn") or cls is object:
             continue
         try:
             tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
         except (OSError, TypeError, SyntaxError):
-            return names, names  # no source: nothing can be assumed
+            return dict.fromkeys(names, UNKNOWN)
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.name not in ("__init__", "extra_repr") \
                     and fn.args.args:
-                _scan(fn, fn.args.args[0].arg, module, names, called, other, deep)
-    return (names - called) | other, deep
+                _Uses(fn, module, set(names)).into(uses)
+    return {name: max(uses[name]) if name in uses else UNKNOWN for name in names}
 
 
-def _scan(fn, me: str, module, names, called, other, deep):
-    """Sort the uses of `me.<child>` in function `fn` into called / other; `deep`: children whose
-    elements (loop variables over them, their items) are used other than by a call."""
-    calls = {id(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
-    parent = {id(c): n for n in ast.walk(fn) for c in ast.iter_child_nodes(n)}
-    element_vars: dict[str, str] = {}
-    for n in ast.walk(fn):
-        if not (isinstance(n, ast.Attribute) and n.attr in names and isinstance(n.value, ast.Name)
-                and n.value.id == me and isinstance(n.ctx, ast.Load)):
-            continue
-        up = parent.get(id(n))
-        if id(n) in calls:
-            called.add(n.attr)
-            continue
-        other.add(n.attr)
-        if isinstance(up, ast.Attribute) and _plain_data(module, n.attr, up.attr):
-            other.discard(n.attr)
-            called.add(n.attr)
-        elif isinstance(up, ast.Subscript):  # self.blocks[i]: called, or itself a collection
-            if id(up) not in calls:
-                deep.add(n.attr)
-        elif isinstance(up, ast.For) and up.iter is n and isinstance(up.target, ast.Name):
-            element_vars[up.target.id] = n.attr
-        elif isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id in ("enumerate", "zip", "reversed"):
-            deep.add(n.attr)  # elements reached through a helper: not followed
-    for var, child in element_vars.items():
-        for n in ast.walk(fn):
-            if isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, ast.Load) and id(n) not in calls:
-                deep.add(child)
+class _Uses:
+    """The uses of `self.<child>` in one method, each followed through subscripts and loops."""
+
+    def __init__(self, fn, module, names):
+        self.fn, self.module, self.names, self.me = fn, module, names, fn.args.args[0].arg
+        self.calls = {id(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
+        self.parent = {id(c): n for n in ast.walk(fn) for c in ast.iter_child_nodes(n)}
+
+    def into(self, uses: dict):
+        for n in ast.walk(self.fn):
+            if isinstance(n, ast.Attribute) and n.attr in self.names and isinstance(n.value, ast.Name) \
+                    and n.value.id == self.me and isinstance(n.ctx, ast.Load):
+                uses.setdefault(n.attr, []).append(self.use(n, n.attr))
+
+    def use(self, e, child: str, depth: int = 0) -> tuple[int, str]:
+        if depth > 8:
+            return UNKNOWN
+        if id(e) in self.calls:
+            return WHOLE
+        up = self.parent.get(id(e))
+        if isinstance(up, ast.Subscript) and up.value is e:
+            return self.deeper(self.use(up, child, depth + 1))
+        if isinstance(up, ast.Attribute) and up.value is e:
+            return WHOLE if _plain_data(self.module, child, up.attr) and depth == 0 else (1, "source")
+        if isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id == "len":
+            return WHOLE  # its size only
+        loop, var = self.loop_over(e, up)
+        if loop is not None:
+            names = [n for stmt in loop.body for n in ast.walk(stmt)
+                     if isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, ast.Load)]
+            return self.deeper(max([self.use(n, child, depth + 1) for n in names] or [WHOLE]))
+        return UNKNOWN  # passed on, zipped, returned: not followed
+
+    def loop_over(self, e, up):
+        """(the for loop, its element variable) where `e` is what the loop iterates
+        (also through `enumerate(e)`), else (None, None)."""
+        if isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id == "enumerate" \
+                and up.args and up.args[0] is e:
+            loop = self.parent.get(id(up))
+            target = loop.target if isinstance(loop, ast.For) and loop.iter is up else None
+            if isinstance(target, ast.Tuple) and len(target.elts) == 2 and isinstance(target.elts[1], ast.Name):
+                return loop, target.elts[1].id
+            return None, None
+        if isinstance(up, ast.For) and up.iter is e and isinstance(up.target, ast.Name):
+            return up, up.target.id
+        return None, None
+
+    @staticmethod
+    def deeper(use: tuple[int, str]) -> tuple[int, str]:
+        return min(use[0] + 1, UNKNOWN[0]), use[1]
 
 
 def _plain_data(module: nn.Module, child: str, attr: str) -> bool:

@@ -6,7 +6,7 @@ import torch
 from torch import fx
 
 from ..ops import (ADD, CAT, DIV, DROPOUT_FNS, IDENTITY_FNS, IDENTITY_METHODS, IDENTITY_MODULES, INPLACE,
-                   MUL, SUB, Constant, Graph, Rewrite, _RANDOM, is_op)
+                   MUL, SUB, Constant, Graph, Rewrite, _RANDOM, arg, is_op, plain, source)
 
 
 def fold_constants(node: fx.Node, g: Graph):
@@ -48,16 +48,16 @@ def _is(a, value) -> bool:
 def _identity_input(node: fx.Node, g: Graph):
     """x when `node` computes x itself, else None."""
     if node.op == "call_module":
-        return node.args[0] if isinstance(g.module(node), IDENTITY_MODULES) else None
+        return source(node) if isinstance(g.module(node), IDENTITY_MODULES) and plain(g.module(node)) else None
     if is_op(node, DROPOUT_FNS):  # F.dropout(x, p, training=True), aten.dropout(x, p, train)
         training = node.args[2] if len(node.args) > 2 else \
             node.kwargs.get("training", node.kwargs.get("train", True))
-        return None if training else node.args[0]
-    if (is_op(node, IDENTITY_METHODS) or is_op(node, IDENTITY_FNS)) and len(node.args) == 1 \
-            and not node.kwargs:
-        return node.args[0]
-    if is_op(node, CAT) and isinstance(node.args[0], (list, tuple)) and len(node.args[0]) == 1:
-        return node.args[0][0]  # torch.cat([y]) is y
+        return None if training else source(node)
+    if (is_op(node, IDENTITY_METHODS) or is_op(node, IDENTITY_FNS)) and len(node.args) + len(node.kwargs) == 1:
+        return source(node)
+    tensors = arg(node, 0, "tensors")
+    if is_op(node, CAT) and isinstance(tensors, (list, tuple)) and len(tensors) == 1:
+        return tensors[0]  # torch.cat([y]) is y
     if len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
