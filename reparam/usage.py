@@ -28,12 +28,12 @@ def observe(module: nn.Module, inputs) -> tuple[dict[str, tuple], set[int]]:
     running, calls, loose = [], {}, set()
     names = {id(c): name for name, c in module.named_children()}
 
-    def pre(m, args):
+    def pre(m, args, kwargs):
         up = parent.get(id(m))
         if up is not None and up is not module and all(r is not up for r in running):
             loose.add(id(up))
-        if up is module and id(m) in names:
-            calls.setdefault(names[id(m)], []).append(args)
+        if up is module and id(m) in names:  # keyword arguments: not replayable as example inputs
+            calls.setdefault(names[id(m)], []).append(None if kwargs else args)
         running.append(m)
 
     def post(m, args, out):
@@ -43,7 +43,7 @@ def observe(module: nn.Module, inputs) -> tuple[dict[str, tuple], set[int]]:
     hooks = []
     for m in module.modules():
         if m is not module:
-            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+            hooks += [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post)]
     try:
         with torch.no_grad():
             module(*inputs)
@@ -57,7 +57,7 @@ def observe(module: nn.Module, inputs) -> tuple[dict[str, tuple], set[int]]:
             while up is not None and up is not module:
                 loose.add(id(up))
                 up = parent.get(id(up))
-    return {name: c[0] for name, c in calls.items() if len(c) == 1}, loose
+    return {name: c[0] for name, c in calls.items() if len(c) == 1 and c[0] is not None}, loose
 
 
 # how a parent uses a child: (levels, tail). levels = how many levels down it is a collection
