@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import sys
 import zipfile
 from dataclasses import asdict, fields, replace
 from pathlib import Path

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import reparam
 from gcnet import GCNET_L, GCNET_S, GCNet, gcnet_l, gcnet_m, gcnet_s

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .. import algebra
+from .. import algebra, functional
 from ..check import constant, evaluate
 from ..ops import Graph, NewConv, Refusal, Rewrite, arg, source, where
-from .. import functional
 from .common import as_conv, linear
 
 NAME = "pad_border"
