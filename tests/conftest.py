@@ -5,6 +5,7 @@ Choose a profile with `REPARAM_PROFILE=dev|ci|thorough` (default `ci`) or pytest
   dev       a handful of examples per property, for editing a rule
   ci        the whole rule suite in about two minutes on two cores
   thorough  thousands of examples per property (run it before a release, or after a rule change)
+REPARAM_MAX_EXAMPLES=N sets the number of examples per property on top of the profile.
 deadline=None everywhere: a fuse traces, rewrites and counts ops, and CPU timing is noisy.
 """
 from __future__ import annotations
@@ -25,6 +26,9 @@ settings.register_profile("dev", max_examples=10, **_COMMON)
 settings.register_profile("ci", max_examples=30, **_COMMON)
 settings.register_profile("thorough", max_examples=2000, **_COMMON)
 settings.load_profile(os.environ.get("REPARAM_PROFILE", "ci"))
+if os.environ.get("REPARAM_MAX_EXAMPLES"):  # e.g. a long differential run of the foreign-code suite
+    settings.register_profile("custom", settings(max_examples=int(os.environ["REPARAM_MAX_EXAMPLES"])))
+    settings.load_profile("custom")
 
 
 class _TorchGlobalRNG:
