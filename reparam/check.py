@@ -119,14 +119,16 @@ class _Probes:
         elif n.op != "placeholder" and (is_size(n) or constant(n)):
             v = self.interpret(n, self.outside)
         else:
-            v = None
+            shape, v = self.shape_of(n), None
             if n in self.expand:
                 try:
                     v = self.interpret(n, self.outside)
                 except Exception:  # its inputs' shapes are not known: a probe in its place
                     v = None
+                if not (isinstance(v, torch.Tensor) and self._fits(v.shape, shape)):
+                    v = None  # its inputs were sized for its output: wrong where it resizes
             if v is None:
-                v = torch.randn(self.shape_of(n), generator=self.gen, dtype=torch.float64)
+                v = torch.randn(shape, generator=self.gen, dtype=torch.float64)
         self.values[n] = v
         return v
 
@@ -144,6 +146,14 @@ class _Probes:
         if self.out_shape is not None:
             return self.out_shape
         return (2, 4, *self.size[:2])  # shape-agnostic ops (identity, reshape round trips)
+
+    def _fits(self, got, want) -> bool:
+        """A value of shape `got` can stand where `want` was planned (channels may differ
+        along a concatenation's dim)."""
+        if len(got) != len(want):
+            return False
+        skip = self.rw.cat_dim % len(want) if self.rw.cat_dim is not None else None
+        return all(a == b for i, (a, b) in enumerate(zip(got, want)) if i != skip)
 
     # ---- evaluation ----
     def old(self, n: fx.Node):

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 import reparam
 from reparam.nn import BNAndPad, ChannelAffine
 from reparam.stats import _BN_OPS, _OpCounter
-from reparam.testing import assert_equivalent, rel_error
+from reparam.testing import rel_error
 
 KERNELS = [(1, 1), (3, 3), (5, 5), (1, 3), (3, 1)]
 KERNELS_ND = {1: [(1,), (3,), (5,)], 2: KERNELS, 3: [(1, 1, 1), (3, 3, 3), (1, 3, 3), (3, 1, 1)]}
@@ -876,9 +876,25 @@ def fuse_checked(case: Case, rtol: float | None = None):
                                              max_macs_ratio=case.max_macs_ratio)
     note(str(report))
     note(f"fused graph:\n{getattr(fused, 'code', fused)}")
-    assert_equivalent(case.model, fused, case.x, rtol=rtol if rtol is not None else TOL[case.x.dtype])
+    check_equivalent(case.model, fused, case.x, rtol if rtol is not None else TOL[case.x.dtype])
     check_vetted(report)
     return fused, report
+
+
+@torch.no_grad()
+def check_equivalent(model, fused, x, rtol: float):
+    """The fused model computes the model's function: within `rtol` of its outputs (relative to
+    their largest magnitude), or, where the float32 model itself is that far from its exact
+    (float64) function (outputs that are small differences of large terms, as random BN
+    statistics give), no further from it than 4 times the model's own rounding error."""
+    err = reparam.testing.model_rel_error(model, fused, x)
+    if err <= rtol:
+        return
+    assert x.dtype != torch.float64, f"fused model differs: relative error {err:.3g} > {rtol:g}"
+    exact = copy.deepcopy(model).double()(x.double())
+    own, ours = rel_error(exact, model(x)), rel_error(exact, fused(x))
+    assert ours <= max(rtol, 4 * own), (f"fused model differs: relative error {err:.3g} > {rtol:g}; from the "
+                                        f"exact function {ours:.3g}, the model's own error {own:.3g}")
 
 
 def check_vetted(report):
@@ -907,7 +923,8 @@ def check_low_precision(case: Case, dtype: torch.dtype):
         out = fused(x)
     assert out.dtype == dtype
     assert all(p.dtype == dtype for p in fused.parameters())
-    assert rel_error(reference, out.float()) <= LOWP_TOL[dtype]
+    # the model's own low-precision function bounds how close a rounding of it can be
+    assert rel_error(reference, out.float()) <= max(LOWP_TOL[dtype], 4 * rel_error(reference, low(x).float()))
     assert counts(fused, x) == (min(1, counts(case.model, case.x)[0]), 0)
 
 
