@@ -20,7 +20,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import engine, trace, usage
-from .ops import common_scope, where
+from .ops import common_scope, module_path, where
 from .report import Report, Skip, Untraced
 from .stats import count, run_counted
 from .testing import rel_error
@@ -260,15 +260,19 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
         here.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
     outcome = _run_engine(gm, inputs, path, here, ratio, budget)
     found = {prefix + s if s else path for s in _merge_scopes(gm)}
+    skipped = [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.refused]
     if found and path not in found and list(module.children()):
         trial = Report()
         kept = _fuse_children(module, inputs, path, trial, ratio, found, budget)
         if _made(kept) == _made(gm):  # every merge again, below this module: keep its Python
             report.extend(trial)
+            # what the graph left alone outside the merge scopes (their fuses say the rest)
+            report.skipped += [k for k, r in zip(skipped, outcome.refused)
+                               if not _within(prefix + module_path(r.node), found)]
             return kept
     report.extend(here)
     report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
-    report.skipped += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.refused]
+    report.skipped += skipped
     report.unchecked += [f"{prefix}{u}" for u in outcome.unchecked]
     report.faults += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.faults]
     if not outcome.applied and not _has_hooked(gm):
@@ -283,6 +287,10 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
             setattr(gm, name, value)
     _fuse_hooked(gm, prefix, report, ratio, budget)
     return gm
+
+
+def _within(path: str, scopes) -> bool:
+    return any(path == s or path.startswith(s + ".") or not s for s in scopes)
 
 
 def _made(model: nn.Module) -> int:
