@@ -31,7 +31,11 @@ def blocks(draw, cls):
 
 
 def computations(gm: fx.GraphModule) -> list:
-    """The nodes that compute something, in order: module types or function names."""
+    """The nodes that compute something, in order: module types or function names. A block
+    whose merges all lie inside one child keeps its own Python code (reparam.fuse's rule), whose
+    glue (a cat of one tensor, say) is not counted: its layers, in order, instead."""
+    if not isinstance(gm, fx.GraphModule):
+        return [type(m) for m in gm.modules() if not list(m.children())]
     out = []
     for n in gm.graph.nodes:
         if n.op == "call_module":
