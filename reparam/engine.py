@@ -5,13 +5,13 @@ a rewrite the graph cannot host is a refusal (`Graph.admissible`), and every rew
 on probes (`check.verify`) before it is applied."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
 
 from . import check, report, rules as rules_module
-from .ops import Graph, Refusal, Rewrite, where
+from .ops import Graph, NewConv, Refusal, Rewrite, where
 
 
 @dataclass
@@ -21,6 +21,10 @@ class Budget:
     limit: int | None = None
     blocked: set = field(default_factory=set)
     applied: int = 0
+    log: list = field(default_factory=list)  # the rewrites applied, in order (paths in the model)
+    # fingerprints of rewrites the self-check passed: the same rewrite of the same ops (a module
+    # fused again on its own, after a graph of its parent) is not evaluated twice
+    verified: set = field(default_factory=set)
 
     def allows(self, key) -> bool:
         return key not in self.blocked and (self.limit is None or self.applied < self.limit)
@@ -39,9 +43,10 @@ class InternalError(RuntimeError):
     """Applying a rewrite failed half-way: the graph cannot be trusted any more."""
 
 
-def key(rw: Rewrite) -> tuple:
-    """The same rewrite of the same traced graph has the same key in every fuse."""
-    return (rw.rule, tuple(sorted({n.name for n in [rw.output, *rw.erase]})))
+def key(rw: Rewrite, prefix: str = "") -> tuple:
+    """The same rewrite of the same traced graph (of the module at `prefix`) has the same key in
+    every fuse."""
+    return (rw.rule, prefix, tuple(sorted({n.name for n in [rw.output, *rw.erase]})))
 
 
 def _propose(rule, node: fx.Node, g: Graph):
@@ -52,14 +57,27 @@ def _propose(rule, node: fx.Node, g: Graph):
                        .splitlines()[0])
 
 
-def _vet(rw: Rewrite, g: Graph, budget: Budget, out: Outcome) -> Refusal | None:
+def fingerprint(rw: Rewrite, prefix: str) -> tuple:
+    """What a rewrite does, in terms that do not depend on which graph holds it: the rule, the
+    model's modules (and ops) it replaces, the new ops' specs."""
+    def spec(s):
+        return tuple((tuple(t.shape), float(t.sum()), float(t.abs().sum())) for t in (s.weight, s.bias)
+                     if t is not None) + (s.stride, s.padding, s.dilation, s.groups)
+    news = rw.substitute + [t for t, _ in rw.terms if isinstance(t, NewConv)]
+    places = sorted({prefix + where(n) for n in [rw.output, *rw.erase]})
+    return (rw.rule, tuple(places), tuple(spec(n.spec) for n in news), rw.cat_dim, len(rw.terms))
+
+
+def _vet(rw: Rewrite, g: Graph, budget: Budget, out: Outcome, prefix: str) -> Refusal | None:
     """Why `rw` must not be applied, or None."""
-    k = key(rw)
-    if k in budget.blocked:
+    if key(rw, prefix) in budget.blocked:
         return Refusal(rw.rule, rw.output, "undone: with it the fused model differed from the model "
                                            "on the example inputs — please report")
     if reason := g.admissible(rw):
         return Refusal(rw.rule, rw.output, reason)
+    seen = None if g.on_meta else fingerprint(rw, prefix)
+    if seen in budget.verified:
+        return None
     verdict = check.verify(g, rw, rw.tolerance or check.TOLERANCE)
     if verdict.error is None:
         out.unchecked.append(f"{rw.rule} at {where(rw.output)}: {verdict.message}")
@@ -67,15 +85,17 @@ def _vet(rw: Rewrite, g: Graph, budget: Budget, out: Outcome) -> Refusal | None:
         why = f" ({verdict.message})" if verdict.message else ""
         return Refusal(rw.rule, rw.output, f"not exact here (rel err {verdict.error:.1e}){why}; left alone "
                                            "— please report")
+    else:
+        budget.verified.add(seen)
     return None
 
 
 def run(gm: fx.GraphModule, rules=None, max_passes: int = 100, max_macs_ratio: float = 1.0,
-        budget: Budget | None = None) -> Outcome:
+        budget: Budget | None = None, prefix: str = "") -> Outcome:
     """Rewrite `gm` in place. Refusals are those of the final pass: the places left alone."""
     rules = rules_module.RULES if rules is None else rules
     budget = budget or Budget()
-    g = Graph(gm, max_macs_ratio)
+    g = Graph(gm, max_macs_ratio, prefix)
     out = Outcome()
     with torch.no_grad():
         for out.passes in range(1, max_passes + 1):
@@ -86,9 +106,10 @@ def run(gm: fx.GraphModule, rules=None, max_passes: int = 100, max_macs_ratio: f
                 for rule in rules:
                     result = _propose(rule, node, g)
                     if isinstance(result, Rewrite):
-                        if not budget.allows(key(result)) and key(result) not in budget.blocked:
+                        k = key(result, prefix)
+                        if not budget.allows(k) and k not in budget.blocked:
                             continue  # over the limit: left for a later fuse
-                        result = _vet(result, g, budget, out) or result
+                        result = _vet(result, g, budget, out, prefix) or result
                     if isinstance(result, Rewrite):
                         try:
                             new = g.apply(result)
@@ -97,7 +118,8 @@ def run(gm: fx.GraphModule, rules=None, max_passes: int = 100, max_macs_ratio: f
                                                 f"{type(e).__name__}: {e}") from e
                         budget.applied += 1
                         out.applied.append(report.Rewrite(result.rule, _where(g, new), result.detail,
-                                                          _shape(g, new), key(result)))
+                                                          _shape(g, new), k))
+                        budget.log.append(replace(out.applied[-1], path=prefix + out.applied[-1].path))
                         changed = True
                         break
                     if isinstance(result, Refusal):

@@ -165,13 +165,13 @@ def _fuse_checked(work: nn.Module, inputs, want, ratio: float):
         report.after = count(fused, fresh(inputs))
         return fused, report
     notes = []
-    for _ in range(8):
+    for attempt in range(9):  # at most 8 rewrites undone
         report.after, got = _run(fused, inputs)
-        report.max_rel_error = _differ(want[0], got[0])
+        report.max_rel_error, error = _differ(want[0], got[0]), _differ(want, got)
         report.notes = notes + report.notes
-        if _differ(want, got) <= tolerance:
+        if error <= tolerance:
             return fused, report
-        culprit = _bisect(work, inputs, ratio, budget, want, tolerance)
+        culprit = _bisect(work, inputs, ratio, budget, want, tolerance) if attempt < 8 else None
         if culprit is None:
             break
         budget.blocked.add(culprit.key)
@@ -179,7 +179,7 @@ def _fuse_checked(work: nn.Module, inputs, want, ratio: float):
                                 "from the model on the example inputs — please report"]
         fused, report = _fuse_report(work, inputs, ratio, engine.Budget(blocked=set(budget.blocked)))
     report.notes.append(f"the fused model differs from the model on the example inputs (rel err "
-                        f"{report.max_rel_error:.2g}) and no rewrite explains it: returned the model unfused "
+                        f"{error:.2g}) and no rewrite explains it: returned the model unfused "
                         "— please report")
     report.rewrites, report.max_rel_error = [], 0.0
     report.after = count(work, fresh(inputs))
@@ -203,22 +203,22 @@ def _tolerance(expected) -> float:
 
 def _bisect(work, inputs, ratio, budget, want, tolerance):
     """The first applied rewrite after which the fused model differs from `want`, or None."""
-    def wrong(limit):
-        fused, rep = _fuse_report(work, inputs, ratio, engine.Budget(limit, set(budget.blocked)))
-        return _differ(want, _run(fused, inputs)[1]) > tolerance, rep
+    def wrong(limit):  # fused with the first `limit` rewrites (in the order they are applied)
+        run = engine.Budget(limit, set(budget.blocked))
+        fused, _ = _fuse_report(work, inputs, ratio, run)
+        return _differ(want, _run(fused, inputs)[1]) > tolerance, run.log
 
-    bad, rep = wrong(None)
-    if not bad or not rep.rewrites or wrong(0)[0]:
+    bad, log = wrong(None)
+    if not bad or not log or wrong(0)[0]:
         return None
-    lo, hi, culprit = 0, len(rep.rewrites), rep  # wrong(lo) is False, wrong(hi) is True
+    lo, hi = 0, len(log)  # wrong(lo) is False, wrong(hi) is True
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        is_bad, r = wrong(mid)
-        if is_bad:
-            hi, culprit = mid, r
+        if wrong(mid)[0]:
+            hi = mid
         else:
             lo = mid
-    return culprit.rewrites[hi - 1]
+    return log[hi - 1]
 
 
 def _fuse_report(work, inputs, ratio, budget) -> tuple[nn.Module, Report]:
@@ -265,6 +265,7 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
         trial = Report()
         kept = _fuse_children(module, inputs, path, trial, ratio, found, budget)
         if _made(kept) == _made(gm):  # every merge again, below this module: keep its Python
+            report.untraced += here.untraced
             report.extend(trial)
             # what the graph left alone outside the merge scopes (their fuses say the rest)
             report.skipped += [k for k, r in zip(skipped, outcome.refused)
@@ -352,7 +353,7 @@ def _run_engine(gm: fx.GraphModule, inputs, path: str, report: Report, ratio: fl
             ShapeProp(gm).propagate(*fresh(inputs))
         except Exception as e:  # shapes only sharpen a few checks; rules refuse without them
             report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
-    return engine.run(gm, max_macs_ratio=ratio, budget=budget)
+    return engine.run(gm, max_macs_ratio=ratio, budget=budget, prefix=f"{path}." if path else "")
 
 
 def _merge_scopes(gm: fx.GraphModule) -> set[str]:

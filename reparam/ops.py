@@ -131,6 +131,7 @@ class Refusal:
 class Graph:
     gm: fx.GraphModule
     max_macs_ratio: float = 1.0  # a merge may cost at most this times the MACs it replaces
+    prefix: str = ""  # where `gm` sits in the user's model ("" or "body.")
     modules: dict[str, nn.Module] = field(init=False)
     calls: Counter = field(init=False)
     const_count: int = 0
@@ -175,6 +176,10 @@ class Graph:
 
     def path(self, node: fx.Node) -> str:
         return module_path(node)
+
+    def label(self, node: fx.Node) -> str:
+        """`node` as the report names it: its module's path in the user's model, else its name."""
+        return self.prefix + (self.path(node) or node.name)
 
     def paths(self, node: fx.Node) -> set[str]:
         return set(node.meta.get("reparam_paths", ())) or {self.path(node)}

@@ -23,11 +23,12 @@ def conv_bn_relu(c=4):
 
 
 def broken_rule(node, g):
-    """merge_sequential with a wrong kernel: what a buggy rule returns."""
+    """merge_sequential with its result 1% too large: what a buggy rule returns."""
     rw = merge_sequential(node, g)
     if isinstance(rw, ops.Rewrite):
         new = rw.terms[0][0]
-        bad = replace(new.spec, weight=new.spec.weight * 1.01)
+        bad = replace(new.spec, weight=new.spec.weight * 1.01,
+                      bias=None if new.spec.bias is None else new.spec.bias * 1.01)
         return replace(rw, rule="broken_rule", terms=[(replace(new, spec=bad), 1.0)])
     return rw
 

@@ -59,4 +59,4 @@ def fold_into_sum(node: fx.Node, g: Graph):
             return Refusal(NAME, node, got)
         substitute.append(NewConv(got[0], x, [leaf, node]))
     return Rewrite(NAME, node, [(t, 1.0)], [node] + [leaf for leaf, _ in leaves],
-                   f"{g.path(node) or node.name} → {len(leaves)} convs", substitute=substitute)
+                   f"{g.label(node)} → {len(leaves)} convs", substitute=substitute)

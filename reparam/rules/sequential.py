@@ -48,4 +48,4 @@ def merge_sequential(node: fx.Node, g: Graph):
     if reason := algebra.costlier(spec, [(ca, math.prod(cb.stride)), (cb, 1)], g.max_macs_ratio):
         return Refusal(NAME, node, reason)
     return Rewrite(NAME, node, [(NewConv(spec, x, [a_node, node]), 1.0)], [node, a_node],
-                   f"{g.path(a_node) or a_node.name} → {g.path(node) or node.name}")
+                   f"{g.label(a_node)} → {g.label(node)}")

@@ -63,7 +63,7 @@ def _fold(g: Graph, rule: str, node: fx.Node, affine: Affine, view: fx.Node, y: 
     merged = algebra.compose(spec, as_conv(Affine(affine.scale, affine.shift, 0), chans, 0))
     if isinstance(merged, str):
         return Refusal(rule, node, merged)
-    return Rewrite(rule, node, [(view, 1.0)], [node, y], f"{g.path(y) or y.name} → {g.path(node) or node.name}",
+    return Rewrite(rule, node, [(view, 1.0)], [node, y], f"{g.label(y)} → {g.label(node)}",
                    substitute=[NewConv(merged, x, [y, node])])
 
 
