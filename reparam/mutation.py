@@ -197,8 +197,9 @@ class _Pass:
         if kind == "same":
             val = base
         else:
-            with self.graph.inserting_before(at):
-                val = self.graph.node_copy(n, lambda a: base if a is up else self.current(a, at))
+            with self.graph.inserting_before(at):  # n's source is its first argument (see `run`)
+                val = self.graph.node_copy(n, lambda a: self.current(a, at))
+                val.update_arg(0, base)
         self.value[n] = (version, val)
         return val
 

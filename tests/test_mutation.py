@@ -83,6 +83,11 @@ class Idiom(nn.Module):
             v = y.view(y.shape[0], -1)
             v.mul_(-1)
             return y + self.b(x)
+        if how == "view-taken-between-writes":  # the view reads the base's value after the second write
+            y = self.relu(self.a(x) + self.b(x))
+            v = y.view(y.shape[0], -1)
+            y.add_(-0.25)
+            return v.reshape_as(y)
         if how == "slice-assign":
             y = self.a(x)
             y[:, :1] = self.b(x)[:, :1]
@@ -104,7 +109,7 @@ class Idiom(nn.Module):
 
 IDIOMS = ["conv-then-input-relu_", "relu-module-inplace", "F.relu-inplace", "hardswish-inplace", "alias-iadd",
           "add_-clamp_", "clone-then-source-written", "clone-written", "plus-zero-written", "cat-one-written",
-          "contiguous-written", "reshape_as-round-trip-written", "view-written", "slice-assign", "index_put_",
+          "contiguous-written", "reshape_as-round-trip-written", "view-written", "view-taken-between-writes", "slice-assign", "index_put_",
           "copy_", "writes-its-input"]
 
 
