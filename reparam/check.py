@@ -254,7 +254,7 @@ def evaluate(g: Graph, node: fx.Node, known: dict):
 def _sizes(news: list[NewConv]) -> tuple[int, ...]:
     """Odd probe sizes, different per axis, large enough for every kernel involved."""
     extent = max([d * (k - 1) + 1 for n in news for k, d in zip(n.spec.kernel, n.spec.dilation)] or [1])
-    base = extent + 4 + (extent + 5) % 2  # odd: extent + 4 or + 5
+    base = extent + 2 + (extent + 3) % 2  # odd: extent + 2 or + 3 (a border and an interior)
     return (base, base + 2, base + 4)
 
 

@@ -24,7 +24,7 @@ class Budget:
     log: list = field(default_factory=list)  # the rewrites applied, in order (paths in the model)
     # fingerprints of rewrites the self-check passed: the same rewrite of the same ops (a module
     # fused again on its own, after a graph of its parent) is not evaluated twice
-    verified: set = field(default_factory=set)
+    verified: dict = field(default_factory=dict)
 
     def allows(self, key) -> bool:
         return key not in self.blocked and (self.limit is None or self.applied < self.limit)
@@ -57,15 +57,19 @@ def _propose(rule, node: fx.Node, g: Graph):
                        .splitlines()[0])
 
 
-def fingerprint(rw: Rewrite, prefix: str) -> tuple:
+def fingerprint(rw: Rewrite, prefix: str) -> tuple[tuple, list]:
     """What a rewrite does, in terms that do not depend on which graph holds it: the rule, the
-    model's modules (and ops) it replaces, the new ops' specs."""
-    def spec(s):
-        return tuple((tuple(t.shape), float(t.sum()), float(t.abs().sum())) for t in (s.weight, s.bias)
-                     if t is not None) + (s.stride, s.padding, s.dilation, s.groups)
-    news = rw.substitute + [t for t, _ in rw.terms if isinstance(t, NewConv)]
+    model's modules (and ops) it replaces, the new ops' specs; and the new ops' tensors."""
+    news = [n.spec for n in rw.substitute + [t for t, _ in rw.terms if isinstance(t, NewConv)]]
     places = sorted({prefix + where(n) for n in [rw.output, *rw.erase]})
-    return (rw.rule, tuple(places), tuple(spec(n.spec) for n in news), rw.cat_dim, len(rw.terms))
+    shapes = tuple((tuple(s.weight.shape), s.bias is None, s.stride, s.padding, s.dilation, s.groups) for s in news)
+    return (rw.rule, tuple(places), shapes, rw.cat_dim, len(rw.terms)), \
+        [t for s in news for t in (s.weight, s.bias) if t is not None]
+
+
+def _verified(budget: Budget, fp) -> bool:
+    cheap, tensors = fp
+    return any(all(torch.equal(a, b) for a, b in zip(tensors, seen)) for seen in budget.verified.get(cheap, ()))
 
 
 def _vet(rw: Rewrite, g: Graph, budget: Budget, out: Outcome, prefix: str) -> Refusal | None:
@@ -76,7 +80,7 @@ def _vet(rw: Rewrite, g: Graph, budget: Budget, out: Outcome, prefix: str) -> Re
     if reason := g.admissible(rw):
         return Refusal(rw.rule, rw.output, reason)
     seen = None if g.on_meta else fingerprint(rw, prefix)
-    if seen in budget.verified:
+    if seen is not None and _verified(budget, seen):
         return None
     verdict = check.verify(g, rw, rw.tolerance or check.TOLERANCE)
     if verdict.error is None:
@@ -86,7 +90,7 @@ def _vet(rw: Rewrite, g: Graph, budget: Budget, out: Outcome, prefix: str) -> Re
         return Refusal(rw.rule, rw.output, f"not exact here (rel err {verdict.error:.1e}){why}; left alone "
                                            "— please report")
     else:
-        budget.verified.add(seen)
+        budget.verified.setdefault(seen[0], []).append(seen[1])
     return None
 
 

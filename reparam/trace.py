@@ -102,8 +102,8 @@ def symbolic(model: nn.Module, given: int = 1) -> fx.GraphModule:
         if t._version != v:  # a write into a concrete parameter ran once, at trace time
             raise mutation.Refused("forward writes one of the model's parameters or buffers in place")
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    mutation.functionalize(gm)
-    gm.recompile()
+    if mutation.functionalize(gm):
+        gm.recompile()
     return gm
 
 
