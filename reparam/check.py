@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from .algebra import ConvSpec, dense
 from .mutation import is_size
-from .ops import Constant, Graph, NewConv, Rewrite
+from .ops import Constant, Graph, NewConv, Rewrite, plain
 
 TOLERANCE = 1e-9  # float64 evaluation of the same weights: only rounding differs
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -216,7 +216,17 @@ def interpret(g: Graph, n: fx.Node, value):
         pending = g._pending.get(n.target)
         if pending is not None:
             return run_spec(pending.spec, args[0] if args else next(iter(kwargs.values())))
-        return functional_call(g.module(n), g.float64_state(n.target), args, kwargs)
+        m, state = g.module(n), g.float64_state(n.target)
+        if not kwargs and len(args) == 1 and plain(m):
+            if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+                return m._conv_forward(args[0], state["weight"], state.get("bias"))
+            if isinstance(m, nn.Linear):
+                return F.linear(args[0], state["weight"], state.get("bias"))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats:
+                m._check_input_dim(args[0])
+                return F.batch_norm(args[0], state["running_mean"], state["running_var"], state.get("weight"),
+                                    state.get("bias"), False, 0.0, m.eps)
+        return functional_call(m, state, args, kwargs)  # what the module's forward does
     if n.op == "call_method":
         return getattr(args[0], n.target)(*args[1:], **kwargs)
     if n.op == "call_function":

@@ -66,7 +66,19 @@ def fresh(inputs):
 
 def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = False,
                      max_macs_ratio: float = 1.0) -> tuple[nn.Module, Report]:
-    """Fuse `model` (see `fuse`) and say what was done, what was left alone and why."""
+    """Fuse `model` (see `fuse`) and say what was done, what was left alone and why.
+
+    Args:
+        model, example_inputs, inplace, max_macs_ratio: as for `fuse`.
+
+    Returns:
+        (fused, report): the module `fuse` returns and a `Report` (counts before and after, the
+        rewrites, the places left alone with their reasons, notes, and with example inputs the
+        measured max relative error).
+
+    Raises:
+        ValueError, reparam.InternalError: as for `fuse`.
+    """
     inputs = _check(model, example_inputs, max_macs_ratio)
     training = model.training
     work = model if inplace else _copy(model)
@@ -98,20 +110,41 @@ def fuse(model: nn.Module, example_inputs=None, *, inplace: bool = False,
          max_macs_ratio: float = 1.0) -> nn.Module:
     """An eval-mode module computing `model`'s eval-mode function with as few convs as is exact.
 
-    model: any nn.Module; it is not modified unless `inplace=True`.
-    example_inputs: optional tuple of forward arguments; they let `torch.export` trace models
-    that `torch.fx.symbolic_trace` cannot, give shapes to rules that need them, and let `fuse`
-    check the whole result against the model (rewrites behind a difference are left out).
-    max_macs_ratio: a merge may cost at most this times the multiply-accumulates of the ops it
-    replaces (1.0: never slower in MACs, so a depthwise k×k then a 1×1, or a bottleneck of
-    1×1s, stay as they are; float('inf'): as few convolutions as is exact, whatever they cost).
-    Returns a torch.fx.GraphModule, or, where the whole model cannot be traced, a copy whose
-    traceable submodules are fused."""
+    Args:
+        model: any nn.Module; it is not modified unless `inplace=True`.
+        example_inputs: optional tuple of forward arguments. They let `torch.export` trace models
+            that `torch.fx.symbolic_trace` cannot, give shapes to rules that need them, and let
+            `fuse` check the whole result against the model (rewrites behind a difference are
+            left out). They are never written: every forward runs on clones.
+        inplace: fuse `model` itself instead of a deep copy.
+        max_macs_ratio: a merge may cost at most this times the multiply-accumulates of the ops
+            it replaces (1.0: never slower in MACs, so a depthwise k×k then a 1×1, or a
+            bottleneck of 1×1s, stay as they are; `math.inf`: as few convolutions as is exact).
+
+    Returns:
+        A `torch.fx.GraphModule` where a merge combines ops of different submodules; else a copy
+        of `model` (same class and Python code) whose submodules are fused; `model`'s copy
+        itself where nothing merges.
+
+    Raises:
+        ValueError: `max_macs_ratio` is not a positive number, the model holds uninitialized
+            lazy modules, a ScriptModule is given example inputs, or the model fails on them.
+        reparam.InternalError: a bug in reparam (a fused model that breaks its post-conditions
+            is never returned).
+    """
     return fuse_with_report(model, example_inputs, inplace=inplace, max_macs_ratio=max_macs_ratio)[0]
 
 
 def explain(model: nn.Module, example_inputs=None, *, max_macs_ratio: float = 1.0) -> Report:
-    """The report of `fuse_with_report` (with example inputs: the max relative error too)."""
+    """What `fuse` would do to `model`, without keeping the fused module.
+
+    Args:
+        model, example_inputs, max_macs_ratio: as for `fuse`.
+
+    Returns:
+        The `Report` of `fuse_with_report` (print it for a table; with example inputs it holds
+        the max relative error too).
+    """
     return fuse_with_report(model, example_inputs, max_macs_ratio=max_macs_ratio)[1]
 
 

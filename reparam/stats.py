@@ -15,7 +15,15 @@ _BN_OPS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_train
 
 @dataclass(frozen=True)
 class Stats:
-    """What a model contains (params) and, with example inputs, what one forward runs."""
+    """What a model contains (params) and, with example inputs, what one forward runs.
+
+    Attributes:
+        convs: convolution and linear (matmul) ops one forward runs; without inputs, the conv
+            and linear modules. A Linear counts: it is the 1×1 conv of a channels-last layout.
+        bns: batch-norm ops one forward runs; without inputs, the BN modules.
+        params: parameters (a tensor shared by several modules counts once).
+        macs: multiply-accumulates of one forward; None without inputs.
+    """
     convs: int          # convolution (and linear) ops executed; conv/linear modules without inputs
     bns: int            # batch-norm ops executed; BN modules without inputs
     params: int         # parameter count (shared tensors once)

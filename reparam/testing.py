@@ -1,6 +1,8 @@
 """Helpers to check that a fused model computes what the original computes."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils._pytree import tree_leaves
 
@@ -8,7 +10,8 @@ from torch.utils._pytree import tree_leaves
 def rel_error(expected, actual) -> float:
     """Max |expected - actual| over max |expected|, over every tensor leaf of two outputs.
 
-    Relative to the largest magnitude because random-init nets can have huge activations."""
+    Relative to the largest magnitude because random-init nets can have huge activations.
+    Non-finite values must match exactly (NaN where NaN, the same infinities): else inf."""
     exp = [t for t in tree_leaves(expected) if isinstance(t, torch.Tensor)]
     act = [t for t in tree_leaves(actual) if isinstance(t, torch.Tensor)]
     if len(exp) != len(act):
@@ -18,6 +21,10 @@ def rel_error(expected, actual) -> float:
         if e.shape != a.shape:
             raise AssertionError(f"output shapes differ: {tuple(e.shape)} vs {tuple(a.shape)}")
         e, a = e.detach().double(), a.detach().double()
+        finite = e.isfinite() & a.isfinite()
+        if not (torch.equal(e.isnan(), a.isnan()) and torch.equal(e[~finite].nan_to_num(0.0), a[~finite].nan_to_num(0.0))):
+            return math.inf
+        e, a = e[finite], a[finite]
         scale = e.abs().max().item() if e.numel() else 0.0
         err = (e - a).abs().max().item() if e.numel() else 0.0
         worst = max(worst, err / scale if scale > 0 else err)

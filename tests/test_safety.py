@@ -167,3 +167,13 @@ def test_the_self_check_measures_a_rewrite_on_probes():
     bn = next(n for n in g.gm.graph.nodes if n.target == "1")
     assert check.verify(g, merge_sequential(bn, g)).error <= 1e-14
     assert check.verify(g, broken_rule(bn, g)).error == pytest.approx(1e-2, rel=0.1)
+
+
+def test_a_nan_the_model_does_not_compute_is_a_difference():
+    """The whole-model check's measure: NaN where the model is finite (or the other way) is
+    infinitely wrong, never 0 (NaN compares false); matching NaN and infinities agree."""
+    x, nan, inf = torch.tensor([1.0, 2.0, 3.0]), float("nan"), float("inf")
+    assert reparam.testing.rel_error(x, torch.tensor([1.0, nan, 3.0])) == math.inf
+    assert reparam.testing.rel_error(torch.tensor([1.0, nan, 3.0]), x) == math.inf
+    assert reparam.testing.rel_error(torch.tensor([1.0, inf]), torch.tensor([1.0, -inf])) == math.inf
+    assert reparam.testing.rel_error(torch.tensor([nan, inf, 2.0]), torch.tensor([nan, inf, 2.0])) == 0.0
