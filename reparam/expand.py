@@ -230,9 +230,16 @@ class ExpandReport:
         if self.expanded:
             lines.append(f"\n{len(self.expanded)} conv → BN pairs expanded:")
             lines += [f"  {e.recipe:<9} {e.path:<36} {e.shape:<22} {e.branches}" for e in self.expanded]
-        if self.skipped:
+        if self.skipped:  # one line per reason where many convs share it
             lines.append(f"\n{len(self.skipped)} convs left alone:")
-            lines += [f"  {s.path:<46} {s.reason}" for s in self.skipped]
+            by_reason = {}
+            for s in self.skipped:
+                by_reason.setdefault(s.reason, []).append(s.path)
+            for reason, paths in by_reason.items():
+                if len(paths) <= 3:
+                    lines += [f"  {p:<46} {reason}" for p in paths]
+                else:
+                    lines.append(f"  {len(paths)} convs ({', '.join(paths[:2])}, ...): {reason}")
         if self.untraced:
             lines.append(f"\n{len(self.untraced)} modules could not be traced (their children were searched one by one):")
             lines += [f"  {u.path:<40} {u.message}" for u in self.untraced]
