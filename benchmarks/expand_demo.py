@@ -6,8 +6,9 @@ expanded with each recipe; the same initial weights, batches, iterations and see
     python benchmarks/expand_demo.py --fast        # a quick look (a minute or two)
     python benchmarks/expand_demo.py --round-trip  # op counts of fuse(m) and fuse(expand(m)), torchvision and GCNet-S
 
-Each run trains in its own process, so its peak memory (max RSS) is its own. Printed per run:
-training wall time, peak RSS and its rise during training, validation mIoU (of the trained
+Each run trains in its own process, so its memory is its own. Printed per run:
+training wall time (validation excluded), peak RSS during training and its rise over the
+RSS at the start of training (the model, optimizer and data already there), validation mIoU (of the trained
 model and of its `reparam.fuse`d deploy form, which must be the same), and the deploy form's
 convs and BNs, which must be the plain net's. `--plot` draws the mIoU curves (matplotlib).
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
-import resource
 import sys
 import time
 from pathlib import Path
@@ -60,10 +60,16 @@ def tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([normalize(img) for img, _ in pairs]), torch.stack([lab for _, lab in pairs])
 
 
-def rss_mib() -> float:
-    """This process's resident memory now, MiB (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def memory_mib(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident since the last `reset_peak`), MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak():
+    """Peak RSS := RSS now, so the peak read later is that of what runs after (Linux ≥ 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def run(recipe: str | None, args) -> dict:
@@ -76,7 +82,8 @@ def run(recipe: str | None, args) -> dict:
     model = plain if recipe is None else reparam.expand(plain, recipe)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     rng = np.random.default_rng(args.seed)  # the same batches and flips for every run
-    start_rss, curve = rss_mib(), []
+    reset_peak()
+    start_rss, curve = memory_mib("VmRSS"), []
     train_seconds, began = 0.0, time.perf_counter()
     for it in range(1, args.iters + 1):
         idx = torch.from_numpy(rng.choice(len(images), args.batch_size, replace=False))
@@ -94,7 +101,7 @@ def run(recipe: str | None, args) -> dict:
             train_seconds += time.perf_counter() - began
             curve.append((it, evaluate(model, val_set).miou))
             began = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = memory_mib("VmHWM")
     example = (torch.zeros(1, 3, args.size, args.size),)
     deploy = reparam.fuse(model.eval(), example)
     stats = reparam.count(deploy, example)

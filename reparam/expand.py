@@ -34,7 +34,8 @@ MARKER = "reparam_expanded"  # the recipe's name, on every block `expand` made
 
 
 class Refused(Exception):
-    """A recipe cannot build its block for this conv; the message says why."""
+    """A recipe cannot build its block for this conv; the message says why (a user's recipe
+    may raise it too: the conv is left alone and the report gives the message)."""
 
 
 class Branches(nn.Module):
@@ -409,6 +410,7 @@ def _build(recipe, conv, bn, preserve: bool, options) -> tuple[nn.Module, str]:
     x = _probe(conv)
     with _Modes(conv, bn), torch.no_grad():
         want = bn(conv(x))
+    conv, bn = copy.deepcopy(conv), copy.deepcopy(bn)  # a block that is refused changes nothing
     if callable(recipe):
         block = recipe(conv, bn, **options)
         if not isinstance(block, nn.Module):
@@ -420,8 +422,11 @@ def _build(recipe, conv, bn, preserve: bool, options) -> tuple[nn.Module, str]:
         block = Branches(RECIPES[recipe](conv, bn, preserve, **options), recipe)
         names = " + ".join(block.branches)
     block.train(conv.training)
-    with _Modes(block), torch.no_grad():
-        got = block(x)
+    try:
+        with _Modes(block), torch.no_grad():
+            got = block(x)
+    except Exception as e:  # a user's block that does not take the conv's input
+        raise Refused(f"the block fails on a {tuple(x.shape)} input: {type(e).__name__}: {trace._first_line(e)}")
     if got.shape != want.shape:
         raise Refused(f"the block gives shape {tuple(got.shape)} where the conv → BN gives {tuple(want.shape)}")
     err = rel_error(want, got)

@@ -252,6 +252,24 @@ def test_a_user_recipe_is_a_callable_and_its_blocks_are_checked():
     assert len(reparam.expand_with_report(model, not_preserving, preserve_function=False)[1].expanded) == 4
 
 
+def test_a_user_recipe_may_decline_and_a_block_that_fails_is_left_out():
+    from reparam.expand import Refused
+
+    def only_dense(conv, bn):
+        if conv.groups > 1:
+            raise Refused("grouped: not for this recipe")
+        return ConvPlusScaled1x1(conv, bn)
+
+    model = _vgg()
+    report = reparam.expand_with_report(model, only_dense)[1]
+    assert [(s.path, s.reason) for s in report.skipped][:1] == [("1.0", "grouped: not for this recipe")]
+    assert len(report.expanded) == 3
+    wrong = lambda conv, bn: nn.Conv2d(conv.in_channels + 1, conv.out_channels, 1)
+    expanded, report = reparam.expand_with_report(model, wrong)
+    assert not report.expanded and all("fails on a" in s.reason for s in report.skipped[:4])
+    assert torch.equal(expanded(X), model(X))  # nothing changed, not even the modules it was given
+
+
 class Shared(nn.Module):
     def __init__(self):
         super().__init__()
