@@ -171,7 +171,7 @@ def round_trip_table():
     torch.set_num_threads(1)
     models = {"resnet18": (lambda: torchvision.models.resnet18(weights=None), 224),
               "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None), 224),
-              "gcnet_s": (lambda: gcnet.gcnet_s(), 512)}
+              "gcnet_s": (lambda: gcnet.gcnet_s(), 256)}
     print("| model | recipe | pairs expanded | m | fuse(m) | expand(m) | fuse(expand(m)) | same kernels | "
           "rel err at expansion | fuse(expand(m)) vs expand(m) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

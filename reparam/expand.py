@@ -223,8 +223,11 @@ class ExpandReport:
     after: Stats | None = None
     max_rel_error: float | None = None  # eval mode, original vs expanded, on the example inputs
 
+    def table(self) -> str:
+        return stats_table({"original": self.before, "expanded": self.after})
+
     def __str__(self) -> str:
-        lines = [stats_table({"original": self.before, "expanded": self.after})]
+        lines = [self.table()]
         if self.max_rel_error is not None:
             lines.append(f"max relative error (eval mode, original vs expanded): {self.max_rel_error:.3g}")
         lines += [f"note: {n}" for n in self.notes]
