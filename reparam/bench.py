@@ -34,10 +34,11 @@ class Comparison:
     passes: int     # timed passes per form
     threads: int    # torch.get_num_threads() while timing
 
-    def table(self) -> str:
+    def table(self, extra: dict[str, list[str]] | None = None) -> str:
+        """The before/after counts, `extra` rows, then the latencies."""
         ms = lambda t: f"{t[0] * 1e3:.2f} ms (IQR {t[1] * 1e3:.2f}-{t[2] * 1e3:.2f})"
         return stats_table({"before": self.report.before, "after": self.report.after},
-                           {"latency": [ms(self.latency_before), ms(self.latency_after)]})
+                           {**(extra or {}), "latency": [ms(self.latency_before), ms(self.latency_after)]})
 
     def timing_note(self) -> str:
         return TIMING_NOTE.format(n=self.passes, threads=self.threads)

@@ -71,7 +71,8 @@ class Report:
 def stats_table(columns: dict[str, Stats | None], extra: dict[str, list[str]] | None = None) -> str:
     """A plain-text table: one row per figure, one column per model form."""
     cols = {k: v for k, v in columns.items() if v is not None}
-    rows = [("convs", lambda s: str(s.convs)), ("BNs", lambda s: str(s.bns)),
+    # Stats.convs counts the matrix products of linear layers too: the label says so
+    rows = [("convs + linears", lambda s: str(s.convs)), ("BNs", lambda s: str(s.bns)),
             ("params", lambda s: f"{s.params / 1e6:.3f} M" if s.params >= 100_000 else f"{s.params:,}"),
             ("GMACs", lambda s: "-" if s.macs is None else f"{s.macs / 1e9:.3f}")]
     body = [[name] + [fmt(s) for s in cols.values()] for name, fmt in rows]
