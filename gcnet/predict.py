@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from .datasets import read_image
+from .errors import require
 from .evaluate import add_inference_flags, load_for_inference, segment
 from .transforms import eval_transform
 
@@ -25,9 +25,13 @@ def predict_mask(model: nn.Module, image: np.ndarray, eval_size=None, device="cp
     return segment(model, tensor.to(device), image.shape[:2]).to(torch.uint8).cpu().numpy()
 
 
-def mask_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
+def _pil():
+    return require("PIL.Image", "gcnet predict (writing PNGs)")
+
+
+def mask_image(mask: np.ndarray, palette: np.ndarray) -> "PIL.Image.Image":  # noqa: F821
     """(H, W) uint8 class ids → palette PNG image: colours for viewers, ids for programs."""
-    img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), np.ascontiguousarray(mask).tobytes())
+    img = _pil().frombytes("P", (mask.shape[1], mask.shape[0]), np.ascontiguousarray(mask).tobytes())
     colours = np.zeros((256, 3), np.uint8)  # ids past the palette (255 = ignore) show black
     colours[: len(palette)] = palette
     img.putpalette(colours.flatten().tolist())
@@ -66,7 +70,7 @@ def predict_files(model: nn.Module, palette: np.ndarray, images, out_dir, *, eva
         mask = predict_mask(model, image, eval_size, device)
         mask_path, overlay_path = output_paths(image_path, out_dir)
         mask_image(mask, palette).save(mask_path)
-        Image.fromarray(overlay(image, mask, palette, alpha)).save(overlay_path)
+        _pil().fromarray(overlay(image, mask, palette, alpha)).save(overlay_path)
         written += [mask_path, overlay_path]
     return written
 
@@ -88,6 +92,7 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
+    _pil()  # before any work: say which extra is missing
     model, info = load_for_inference(args.weights, deploy_form=args.deploy, device=args.device,
                                      variant=args.variant, trust_pickle=args.trust_pickle)
     config = info["config"]
