@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from .report import Rewrite
+from .trace import symbolic
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
@@ -93,9 +94,9 @@ def _under(path: str, scope: str) -> bool:
 
 def block_scopes(model: nn.Module) -> set[str]:
     """Module paths of the model's multi-branch blocks (see the module docstring); empty when
-    `torch.fx.symbolic_trace` cannot trace the model."""
+    `reparam.fuse`'s symbolic front end cannot trace the model."""
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = symbolic(model).graph
     except Exception:  # noqa: BLE001 -- untraceable: the report groups by parent module instead
         return set()
     modules = dict(model.named_modules())
