@@ -37,10 +37,11 @@ def require(module: str, purpose: str):
     """Import `module` (e.g. "PIL.Image") or raise MissingExtra saying which extra to install.
 
     purpose: what needs it, for the message ("reading images")."""
+    top = module.split(".")[0]
     try:
+        importlib.import_module(top)  # the package first: a cached submodule would hide its absence
         return importlib.import_module(module)
     except ImportError:
-        top = module.split(".")[0]
         package, extra = EXTRAS.get(top, (top, "dev"))
         raise MissingExtra(f"{purpose} needs {package}, which is not installed: "
                            f"pip install 'reparam[{extra}]'") from None
