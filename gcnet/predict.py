@@ -1,8 +1,8 @@
 """`gcnet predict IMAGE... --weights FILE --out DIR`: colour masks and overlays as PNG.
 
 For each image `<stem>.<ext>` it writes `<stem>_mask.png`, a palette PNG whose pixel values are
-the class ids and whose colours are the dataset's palette, and `<stem>_overlay.png`, the mask
-blended over the image. Existing outputs are never replaced without `--overwrite`.
+the class ids and whose colours are the dataset's palette, and `<stem>_overlay.png`, the class
+colours blended over the image (background and ignored pixels left as they are). Existing outputs are never replaced without `--overwrite`.
 """
 from __future__ import annotations
 
@@ -38,11 +38,23 @@ def mask_image(mask: np.ndarray, palette: np.ndarray) -> "PIL.Image.Image":  # n
     return img
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The class colours blended over the image: (H, W, 3) uint8."""
+def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5,
+            keep=()) -> np.ndarray:
+    """The class colours blended over the image: (H, W, 3) uint8. Pixels of the classes in
+    `keep` (background) and of ids past the palette (255 = ignore) stay as they are."""
     colours = np.zeros((256, 3), np.float32)
     colours[: len(palette)] = palette
-    return (image * (1 - alpha) + colours[mask] * alpha).round().astype(np.uint8)
+    painted = mask < len(palette)
+    if len(keep):
+        painted &= ~np.isin(mask, list(keep))
+    blended = image * (1 - alpha) + colours[mask] * alpha
+    return np.where(painted[..., None], blended, image).round().astype(np.uint8)
+
+
+def background_ids(classes) -> tuple[int, ...]:
+    """Ids of the classes named background (VOC's 0, a folder dataset's 'background'), which the
+    overlay leaves as they are."""
+    return tuple(i for i, name in enumerate(classes) if name.strip().lower().strip("_") in ("background", "bg"))
 
 
 def output_paths(image_path: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -51,10 +63,11 @@ def output_paths(image_path: Path, out_dir: Path) -> tuple[Path, Path]:
 
 
 def predict_files(model: nn.Module, palette: np.ndarray, images, out_dir, *, eval_size=None, device="cpu",
-                  alpha: float = 0.5, overwrite: bool = False) -> list[Path]:
+                  alpha: float = 0.5, overwrite: bool = False, keep=()) -> list[Path]:
     """Mask and overlay PNGs for each image file into `out_dir`; returns the paths written.
 
-    Checks every output name first, so a clash stops the run before anything is written."""
+    Checks every output name first, so a clash stops the run before anything is written.
+    keep: class ids the overlay leaves unpainted (`background_ids`)."""
     out_dir, images = Path(out_dir), [Path(p) for p in images]
     planned = [p for image in images for p in output_paths(image, out_dir)]
     if len(set(planned)) != len(planned):
@@ -70,7 +83,7 @@ def predict_files(model: nn.Module, palette: np.ndarray, images, out_dir, *, eva
         mask = predict_mask(model, image, eval_size, device)
         mask_path, overlay_path = output_paths(image_path, out_dir)
         mask_image(mask, palette).save(mask_path)
-        _pil().fromarray(overlay(image, mask, palette, alpha)).save(overlay_path)
+        _pil().fromarray(overlay(image, mask, palette, alpha, keep)).save(overlay_path)
         written += [mask_path, overlay_path]
     return written
 
@@ -98,6 +111,7 @@ def main(args) -> int:
     config = info["config"]
     eval_size = tuple(args.eval_size) if args.eval_size else (config.eval_size if config else None)
     written = predict_files(model, info["palette"], args.images, args.out, eval_size=eval_size,
-                            device=args.device, alpha=args.alpha, overwrite=args.overwrite)
+                            device=args.device, alpha=args.alpha, overwrite=args.overwrite,
+                            keep=background_ids(info["classes"]))
     print(f"wrote {len(written)} files to {args.out}")
     return 0

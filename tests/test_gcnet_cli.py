@@ -3,6 +3,7 @@ import csv
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -235,3 +236,20 @@ def test_plot_never_shows_negative_fps(tmp_path, monkeypatch):
     bench.plot(timings, tmp_path / "p.png")
     [(ax, y, (low, _))] = axes
     assert all(v - e >= 0 for v, e in zip(y, low)) and ax.get_ylim()[0] == 0
+
+
+def test_overlay_leaves_background_and_ignored_pixels_as_they_are():
+    from gcnet.predict import background_ids, overlay
+    palette = np.array([(0, 0, 0), (255, 0, 0)], np.uint8)
+    mask = np.array([[0, 1], [255, 1]], np.uint8)
+    image = np.full((2, 2, 3), 100, np.uint8)
+    out = overlay(image, mask, palette, alpha=0.5, keep=background_ids(("background", "car")))
+    assert out[0, 0].tolist() == out[1, 0].tolist() == [100, 100, 100]  # background, ignore: the image
+    assert out[0, 1].tolist() == [178, 50, 50]
+    assert background_ids(("road", "car")) == ()
+
+
+def test_the_sample_image_is_small_and_readable():
+    from gcnet.datasets import read_image
+    path = Path(__file__).resolve().parents[1] / "docs" / "assets" / "sample.png"
+    assert path.stat().st_size < 50_000 and read_image(path, "RGB").shape[2] == 3
