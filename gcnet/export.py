@@ -24,7 +24,7 @@ from reparam.testing import rel_error
 
 from .checkpoint import load as load_weights
 from .errors import require
-from .evaluate import deploy
+from .evaluate import deploy, deploy_metadata, load_for_inference
 from .model import FACTORIES
 
 FORMATS = {"onnx": to_onnx, "torchscript": to_torchscript, "pt2": to_pt2}
@@ -103,7 +103,9 @@ def _command(args) -> int:
         for module in ("onnx", "onnxscript", "onnxruntime"):
             require(module, "gcnet export --format onnx")
     progress = Progress("gcnet", quiet=args.quiet)
-    if args.checkpoint:
+    if args.checkpoint and deploy_metadata(args.checkpoint) is not None:  # the fused form already
+        model, _ = load_for_inference(args.checkpoint, variant=args.variant)
+    elif args.checkpoint:
         model = load_weights(args.checkpoint, variant=args.variant, trust_pickle=args.trust_pickle)
     else:
         torch.manual_seed(args.seed)
