@@ -33,9 +33,11 @@ import torch
 from torch import nn
 
 import reparam
+from reparam.progress import QUIET, Progress
 from reparam.stats import latency
 
 from ._release import release_timed_form
+from .errors import require
 from .model import FACTORIES
 
 FORMS = ("fused", "training", "release")
@@ -145,7 +147,8 @@ def _measure(protocol: str, form: str, setting: str, size, *, variant, n_paths, 
 
 def bench(variant: str = "s", sizes=((1024, 2048),), *, protocol: str = "ours", forms=("fused", "training"),
           settings=("fp32",), device: str = "cpu", warmup: int = 10, repeats: int = 10, min_time: float = 0.0,
-          seconds: float = 6.0, builds: int = 3, n_paths: int = 2, compile_backend: str = "inductor") -> list[Timing]:
+          seconds: float = 6.0, builds: int = 3, n_paths: int = 2, compile_backend: str = "inductor",
+          progress: Progress = QUIET) -> list[Timing]:
     """One Timing per (size, form, setting) under `protocol` ("ours" or "release"). A setting
     that fails on this device (fp16 kernels missing, no compiler for torch.compile) gives a
     Timing with fps = nan and the error's first line, instead of stopping the others."""
@@ -156,6 +159,7 @@ def bench(variant: str = "s", sizes=((1024, 2048),), *, protocol: str = "ours", 
         for size in sizes:
             for form in forms:
                 for setting in settings:
+                    progress.step(f"timing {form} {setting} at {size[0]}×{size[1]} ({protocol} protocol)")
                     try:
                         timings.append(_measure(protocol, form, setting, size, variant=variant, n_paths=n_paths,
                                                 device=device, warmup=warmup, repeats=repeats, min_time=min_time,
@@ -179,7 +183,8 @@ def table(timings: list[Timing]) -> str:
             t = cells.get((size, form, setting))
             row.append("" if t is None else "n/a" if t.error else f"{t.fps:.2f} ({t.fps_low:.2f}-{t.fps_high:.2f})")
         rows.append(row)
-    head = ["size", "form"] + [f"{s} FPS" for s in settings]
+    spread = "IQR" if timings and timings[0].protocol == "ours" else "builds min-max"
+    head = ["size", "form"] + [f"{s} FPS ({spread})" for s in settings]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows]
     notes = [FORM_NOTES[f] for f in FORM_NOTES if any(t.form == f for t in timings)]
@@ -211,11 +216,14 @@ def plot(timings: list[Timing], path, title: str = "") -> Path:
     for form, setting in dict.fromkeys((t.form, t.setting) for t in timings if not t.error):
         ts = sorted((t for t in timings if (t.form, t.setting) == (form, setting) and not t.error),
                     key=lambda t: t.size[0] * t.size[1])
+        low = [max(0.0, t.fps_low) for t in ts]  # a spread never reaches below 0 FPS
         ax.errorbar([t.size[0] * t.size[1] / 1e6 for t in ts], [t.fps for t in ts],
-                    yerr=[[t.fps - t.fps_low for t in ts], [t.fps_high - t.fps for t in ts]],
+                    yerr=[[t.fps - lo for t, lo in zip(ts, low)], [t.fps_high - t.fps for t in ts]],
                     marker="o", capsize=3, label=f"{form} {setting}")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("resolution (megapixels, H×W)")
-    ax.set_ylabel("FPS (batch 1)")
+    ax.set_ylabel("FPS (batch 1; bars: " + ("interquartile range" if timings and timings[0].protocol == "ours"
+                                           else "slowest-fastest build") + ")")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -226,10 +234,15 @@ def plot(timings: list[Timing], path, title: str = "") -> Path:
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
-    try:
-        return [tuple(int(v) for v in s.lower().split("x", 1)) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated HxW like 512x1024,1024x2048, got '{text}'")
+    """'512x1024,1024x2048' → [(512, 1024), (1024, 2048)]; anything else is refused."""
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected sizes as HEIGHTxWIDTH, comma-separated (512x1024 or "
+                                             f"512x1024,1024x2048), got '{text}'")
+        sizes.append((int(parts[0]), int(parts[1])))
+    return sizes
 
 
 def _count(least: int):
@@ -241,6 +254,8 @@ def _count(least: int):
 
 
 def _command(args) -> int:
+    if args.out is not None or len(args.sizes) > 1:  # before any work: say which extra is missing
+        require("matplotlib", "gcnet bench's plot")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = args.settings or (list(SETTINGS) if args.device == "cuda" else ["fp32"])
@@ -251,7 +266,8 @@ def _command(args) -> int:
     for protocol in protocols:
         part = bench(args.variant, args.sizes, protocol=protocol, forms=args.forms, settings=settings,
                      device=args.device, warmup=args.warmup, repeats=args.repeats, min_time=args.min_time,
-                     seconds=args.seconds, builds=args.builds, n_paths=args.n_paths)
+                     seconds=args.seconds, builds=args.builds, n_paths=args.n_paths,
+                     progress=Progress("gcnet", quiet=args.quiet))
         print(f"{where}, batch 1, protocol {protocol}: "
               + PROTOCOLS[protocol].format(warmup=args.warmup, seconds=args.seconds, builds=args.builds))
         print(table(part), end="\n\n")
@@ -282,7 +298,7 @@ def register(subparsers) -> None:
     p.add_argument("--seconds", type=float, default=6.0, help="release: length of the timed run (its script: 6)")
     p.add_argument("--builds", type=_count(1), default=3, help="release: fresh builds averaged")
     p.add_argument("--n-paths", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_count(1), default=None,
                    help="torch CPU threads (on a busy machine 1 thread can be far faster than several)")
     p.add_argument("--out", default=None, help="folder for the CSV and PNG (default runs/gcnet_bench "
                                                "when several sizes are given)")

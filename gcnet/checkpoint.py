@@ -375,6 +375,12 @@ def describe(config: GCNetConfig) -> str:
 
 def _convert_command(args) -> int:
     model = load(args.path, args.variant, args.trust_pickle)
+    if args.deploy:
+        from .evaluate import inference_info, save_deploy  # evaluate imports this module
+        out = save_deploy(model, inference_info({}, model.config.num_classes), args.out, overwrite=True)
+        print(f"wrote {out}: {describe(model.config)}, the deploy form (reparam.save, "
+              f"{out.stat().st_size / 1e6:.1f} MB; gcnet eval/predict load it as is)")
+        return 0
     out = _save_converted(model, args.path, args.out)
     print(f"wrote {out}: {describe(model.config)}, our training form "
           "(deploy with reparam.fuse(gcnet.checkpoint.load(...).eval()))")
@@ -387,6 +393,8 @@ def register(subparsers) -> None:
     p.add_argument("--variant", choices=sorted(CONFIGS),
                    help="check that the file holds this variant (default: read everything from the file)")
     p.add_argument("--out", required=True, help="output file: .safetensors, or anything else for torch.save")
+    p.add_argument("--deploy", action="store_true",
+                   help="write the deploy form instead: the fused weights (reparam.save, safetensors)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load with plain pickle (runs code from the file: only for files you trust)")
     p.set_defaults(func=_convert_command)

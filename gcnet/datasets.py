@@ -16,10 +16,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from .errors import ConfigError
+from .errors import ConfigError, require
 
 IGNORE_INDEX = 255
 
@@ -95,6 +94,7 @@ def read_image(path: Path, mode: str | None = None) -> np.ndarray:
     """A file's pixels, decoded now so a truncated file fails here and names its path.
 
     mode: PIL mode to convert to ("RGB"), or None to keep the stored values (palette indices)."""
+    Image = require("PIL.Image", "reading images")
     try:
         with Image.open(path) as img:
             img.load()

@@ -7,8 +7,9 @@ evaluation size; `--deploy` scores the `reparam.fuse`d model instead.
 """
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import reparam
+import reparam.deploy
 
-from .checkpoint import load as load_weights, read_object, read_state_dict, save_state_dict
+from .checkpoint import check_config, load as load_weights, read_object, read_state_dict, variant_of
+from .config import GCNetConfig
 from .datasets import IGNORE_INDEX, VOC, CamVid, Cityscapes, voc_palette
+from .errors import CheckpointError
+from .model import GCNet
 from .presets import TrainConfig, config_from_dict, dataset_for
 from .transforms import eval_transform
 
@@ -107,7 +112,8 @@ def evaluate(model: nn.Module, dataset, *, eval_size=None, device="cpu", workers
     samples = _EvalSamples(dataset, range(rank, len(dataset), world_size), eval_size)
     loader = DataLoader(samples, batch_size=1, num_workers=workers, collate_fn=_single)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for image, label in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
+    # disable=None: tqdm turns itself off where stderr is not a terminal (a redirected log)
+    for image, label in tqdm(loader, desc="eval", disable=None if progress else True, dynamic_ncols=True):
         label = label.to(device)
         confusion += confusion_matrix(segment(model, image.to(device), label.shape), label, num_classes)
     if world_size > 1:
@@ -124,7 +130,7 @@ def deploy(model: nn.Module, example_size=(64, 64)) -> tuple[nn.Module, "reparam
     return reparam.fuse_with_report(model.eval(), (example,))
 
 
-DEPLOY_FORMAT = "gcnet deploy: training-form weights, fused on load"
+DEPLOY_FORMAT = "gcnet deploy: training-form weights, fused on load"  # files written before reparam.save
 
 
 def _read_meta(path, trust_pickle: bool) -> dict:
@@ -137,41 +143,81 @@ def _read_meta(path, trust_pickle: bool) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def deploy_metadata(path) -> dict | None:
+    """The metadata of a deploy file `save_deploy` wrote (config, classes, palette, ...), or None
+    when `path` is another kind of file."""
+    try:
+        return reparam.deploy.read_metadata(path)["metadata"]
+    except (ValueError, OSError):
+        return None
+
+
+def inference_info(meta: dict, num_classes: int) -> dict:
+    """classes, palette ((K, 3) uint8) and the training config (or None) from a file's metadata.
+    Files without class names (the release's): the benchmark with that many classes, if any."""
+    known = {len(d.classes): d for d in (Cityscapes, CamVid, VOC)}.get(num_classes)
+    load = lambda v: json.loads(v) if isinstance(v, str) else v
+    classes = load(meta["classes"]) if "classes" in meta else \
+        known.classes if known else [f"class_{i}" for i in range(num_classes)]
+    palette = load(meta["palette"]) if "palette" in meta else \
+        known.palette if known else voc_palette(num_classes)
+    train_config = load(meta["train_config"]) if "train_config" in meta else None
+    return {"classes": tuple(classes), "palette": np.array(palette, np.uint8),
+            "config": config_from_dict(train_config) if train_config else None}
+
+
 def load_for_inference(path, *, deploy_form: bool = False, device="cpu", variant: str | None = None,
                        trust_pickle: bool = False) -> tuple[nn.Module, dict]:
-    """(eval-mode model, metadata) from a `gcnet train` checkpoint, a deploy file
-    (`save_deploy`), or any weights file `gcnet.checkpoint.load` reads (release checkpoints).
+    """(eval-mode model, metadata) from a deploy file (`save_deploy`: loaded as it is, nothing
+    fused or computed), a `gcnet train` checkpoint or any weights file `gcnet.checkpoint.load`
+    reads (release checkpoints).
 
     metadata: classes, palette ((K, 3) uint8), and the training config where the file has it.
-    deploy_form: fuse with `reparam.fuse`; deploy files are always fused.
+    deploy_form: fuse with `reparam.fuse`; deploy files are always the fused form.
     variant: "s", "m" or "l" to check that the file holds that variant (every file records its model)."""
+    deploy_meta = deploy_metadata(path)
+    if deploy_meta is not None:
+        config = GCNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in deploy_meta["config"].items()})
+        try:
+            check_config(config, variant)
+            model = reparam.load(path, lambda: GCNet(config), device=device)
+        except (CheckpointError, ValueError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        return model, inference_info(deploy_meta, config.num_classes)
     meta = _read_meta(path, trust_pickle)
     model = load_weights(path, variant=variant, trust_pickle=trust_pickle)
-    num_classes = model.config.num_classes
-    # Files without class names (the release's): the benchmark with that many classes, if any.
-    known = {len(d.classes): d for d in (Cityscapes, CamVid, VOC)}.get(num_classes)
-    classes = json.loads(meta["classes"]) if "classes" in meta else \
-        known.classes if known else [f"class_{i}" for i in range(num_classes)]
-    palette = json.loads(meta["palette"]) if "palette" in meta else \
-        known.palette if known else voc_palette(num_classes)
-    info = {"classes": tuple(classes), "palette": np.array(palette, np.uint8),
-            "config": config_from_dict(json.loads(meta["train_config"])) if "train_config" in meta else None}
+    info = inference_info(meta, model.config.num_classes)
     model.to(device).eval()
     if deploy_form or meta.get("format") == DEPLOY_FORMAT:
         model, _ = deploy(model)
     return model, info
 
 
-def save_deploy(checkpoint, out, *, overwrite: bool = False) -> Path:
-    """A deploy file from a training checkpoint: the training-form weights and what inference
-    needs (classes, palette, config), without optimizer state. Loading it (`load_for_inference`)
-    re-fuses with `reparam.fuse`, so the file loads with weights_only=True, runs no pickled
-    code, and gives exactly the model `gcnet eval --deploy` scores."""
+def save_deploy(model: GCNet, info: dict, out, *, overwrite: bool = False) -> Path:
+    """The deploy file of `model` (a training-form GCNet): `reparam.save` of `reparam.fuse(model.eval())`,
+    the fused weights only (GCNet-S: 9.2 M parameters), with the config, classes, palette and
+    training recipe in its metadata. `load_for_inference` loads it without fusing or computing
+    anything, and it holds no pickled code.
+
+    Args:
+        model: the training-form model (not changed: an eval-mode copy is fused).
+        info: `load_for_inference`'s metadata (classes, palette, config).
+        out: the file to write (safetensors, whatever its suffix).
+        overwrite: replace an existing file.
+
+    Raises:
+        FileExistsError: `out` exists and `overwrite` is False.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    state_dict, meta = read_state_dict(checkpoint)
-    return save_state_dict(state_dict, out, {**meta, "format": DEPLOY_FORMAT})
+    meta = {"config": asdict(model.config), "variant": variant_of(model.config) or "",
+            "classes": list(info["classes"]), "palette": np.asarray(info["palette"]).tolist()}
+    if info.get("config") is not None:
+        meta["train_config"] = info["config"].to_dict()
+    fused = reparam.fuse(copy.deepcopy(model).eval())  # as `reparam.load` rebuilds it: no example inputs
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return reparam.save(fused, out, build=f"gcnet.GCNet({variant_of(model.config) or 'config'})", metadata=meta)
 
 
 # --- command line -------------------------------------------------------------------------
@@ -186,7 +232,8 @@ def register(subparsers) -> None:
     p.add_argument("--split", help="split to score (default: the checkpoint's validation split)")
     p.add_argument("--num-classes", type=int, help="folder datasets without classes.txt")
     p.add_argument("--deploy", action="store_true", help="score the reparam.fuse'd model")
-    p.add_argument("--save-deploy", metavar="PATH", help="also write a deploy file for `gcnet predict`")
+    p.add_argument("--save-deploy", metavar="PATH", help="also write the deploy file (the fused weights, "
+                   "reparam.save) that gcnet eval and predict load as is")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-deploy file")
     p.add_argument("--workers", type=int, default=2)
     add_inference_flags(p)
@@ -205,10 +252,17 @@ def add_inference_flags(p) -> None:
 
 
 def main(args) -> int:
-    if args.save_deploy:  # before the evaluation, so a name clash fails fast
-        print(f"wrote {save_deploy(args.checkpoint, args.save_deploy, overwrite=args.overwrite)}")
-    model, info = load_for_inference(args.checkpoint, deploy_form=args.deploy, device=args.device,
-                                     variant=args.variant, trust_pickle=args.trust_pickle)
+    if args.save_deploy and Path(args.save_deploy).exists() and not args.overwrite:  # fail before any work
+        raise FileExistsError(f"{args.save_deploy} exists; pass --overwrite to replace it")
+    model, info = load_for_inference(args.checkpoint, deploy_form=args.deploy and not args.save_deploy,
+                                     device=args.device, variant=args.variant, trust_pickle=args.trust_pickle)
+    if args.save_deploy:
+        if deploy_metadata(args.checkpoint) is not None:
+            raise CheckpointError(f"{args.checkpoint} is a deploy file already; --save-deploy needs the training form")
+        path = save_deploy(model, info, args.save_deploy, overwrite=args.overwrite)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB: the fused weights; gcnet eval/predict load it as is)")
+        if args.deploy:
+            model, _ = load_for_inference(path, device=args.device)  # score the file just written
     config = info["config"] or TrainConfig(eval_size=None)
     chosen = {"dataset": args.dataset, "data_root": args.data_root, "num_classes": args.num_classes,
               "eval_size": tuple(args.eval_size) if args.eval_size else None}
@@ -216,8 +270,9 @@ def main(args) -> int:
     split = args.split or config.val_split
     dataset = dataset_for(config, split)
     result = evaluate(model, dataset, eval_size=config.eval_size, device=args.device, workers=args.workers,
-                      progress=True)
-    form = "deploy (reparam.fuse)" if args.deploy else "training form"
+                      progress=not args.quiet)
+    deployed = args.deploy or deploy_metadata(args.checkpoint) is not None
+    form = "deploy (reparam.fuse)" if deployed else "training form"
     print(f"{args.checkpoint}, {form}, {config.dataset} {split} ({len(dataset)} images)")
     print(result.table())
     return 0

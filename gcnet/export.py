@@ -3,13 +3,14 @@
     gcnet export --variant s --format onnx --out gcnet_s.onnx --size 1024 2048
     gcnet export --checkpoint runs/gcnet-demo/last.pt --format pt2 --out demo.pt2 --size 128 128
 
-The exported file is read back (onnxruntime for ONNX) and compared with the training-form
-model in eval mode; the command fails if they differ by more than a relative error of 1e-4.
+The ONNX file's input is `image` (batch × 3 × height × width, all three free unless --static)
+and its output `logits`. The exported file is read back (onnxruntime for ONNX) and compared
+with the training-form model in eval mode, for a dynamic ONNX file on two input sizes; the
+command fails if they differ by more than a relative error of 1e-4.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from torch import nn
 
 import reparam
 from reparam.export import check_onnx, to_onnx, to_pt2, to_torchscript
+from reparam.progress import QUIET, Progress
 from reparam.testing import rel_error
 
 from .checkpoint import load as load_weights
-from .evaluate import deploy
+from .errors import require
+from .evaluate import deploy, deploy_metadata, load_for_inference
 from .model import FACTORIES
 
 FORMATS = {"onnx": to_onnx, "torchscript": to_torchscript, "pt2": to_pt2}
@@ -33,7 +36,8 @@ class Exported:
     path: Path
     format: str
     report: reparam.Report   # the fuse: rewrites, before/after counts
-    rel_error: float         # the file's outputs against the training-form model's
+    rel_error: float         # the largest of `errors`
+    errors: dict             # input shape → the file's max relative error against the training form
 
 
 @torch.no_grad()
@@ -45,37 +49,78 @@ def reload_error(path, fmt: str, model: nn.Module, example: torch.Tensor) -> flo
     return rel_error(model(example), loaded(example))
 
 
-def export(model: nn.Module, fmt: str, out, size=(1024, 2048), *, overwrite: bool = False) -> Exported:
-    """Fuse `model` (an eval-mode copy; `model` is not changed) and write it as `fmt` for
-    inputs (1, 3, *size); size: (H, W), multiples of 64 for exact pyramid sizes."""
+def other_size(size) -> tuple[int, int]:
+    """A second input size for the parity check of a dynamic file: half the first (multiples of
+    64, at least 64), or 64 more where that is the first."""
+    half = tuple(max(64, s // 2 // 64 * 64) for s in size)
+    return half if half != tuple(size) else tuple(s + 64 for s in size)
+
+
+def export(model: nn.Module, fmt: str, out, size=(1024, 2048), *, overwrite: bool = False, dynamic: bool = True,
+           progress: Progress = QUIET) -> Exported:
+    """Fuse `model` (an eval-mode copy; `model` is not changed), write it as `fmt` and check the
+    file against `model`.
+
+    Args:
+        model: a training-form GCNet.
+        fmt: "onnx", "torchscript" or "pt2".
+        out: the file to write.
+        size: (H, W) of the example input, multiples of 64 for exact pyramid sizes.
+        overwrite: replace an existing file.
+        dynamic: ONNX only: batch, height and width are free axes (the check then runs at
+            batch 1 and `size`, and at batch 2 and `other_size(size)`); else fixed.
+        progress: step lines (default: none).
+
+    Returns:
+        Exported: the path, the fuse report and the file's errors against PyTorch.
+
+    Raises:
+        ValueError: an unknown format.
+        FileExistsError: `out` exists and `overwrite` is False.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}'; choose from {sorted(FORMATS)}")
     if Path(out).exists() and not overwrite:  # before the fuse, not after it
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     model = model.eval()
+    progress.step("fusing with reparam.fuse")
     fused, report = deploy(model)
-    example = torch.randn(1, model.config.in_channels, *size)
-    path = FORMATS[fmt](fused, (example,), out, overwrite=overwrite)
-    return Exported(path, fmt, report, reload_error(path, fmt, model, example))
+    channels = model.config.in_channels
+    example = torch.randn(1, channels, *size)
+    options = {"input_names": ["image"], "output_names": ["logits"], "dynamic": dynamic} if fmt == "onnx" else {}
+    progress.step(f"exporting {fmt}" + (" (dynamic batch, height, width)" if options.get("dynamic") else ""))
+    path = FORMATS[fmt](fused, (example,), out, overwrite=overwrite, **options)
+    checks = [example] + ([torch.randn(2, channels, *other_size(size))] if options.get("dynamic") else [])
+    errors = {}
+    for x in checks:
+        progress.step(f"checking the file on {tuple(x.shape)} against PyTorch")
+        errors[tuple(x.shape)] = reload_error(path, fmt, model, x)
+    return Exported(path, fmt, report, max(errors.values()), errors)
 
 
 def _command(args) -> int:
-    if args.checkpoint:
+    if args.format == "onnx":  # before any work: say which extra is missing
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            require(module, "gcnet export --format onnx")
+    progress = Progress("gcnet", quiet=args.quiet)
+    if args.checkpoint and deploy_metadata(args.checkpoint) is not None:  # the fused form already
+        model, _ = load_for_inference(args.checkpoint, variant=args.variant)
+    elif args.checkpoint:
         model = load_weights(args.checkpoint, variant=args.variant, trust_pickle=args.trust_pickle)
     else:
         torch.manual_seed(args.seed)
         model = FACTORIES[args.variant or "s"](num_classes=args.num_classes)
-    try:
-        result = export(model, args.format, args.out, tuple(args.size), overwrite=args.overwrite)
-    except FileExistsError as e:
-        print(f"gcnet export: {e}", file=sys.stderr)
-        return 1
+    result = export(model, args.format, args.out, tuple(args.size), overwrite=args.overwrite,
+                    dynamic=not args.static, progress=progress)
     after = result.report.after
-    print(f"wrote {result.path} ({args.format}, input 1×3×{args.size[0]}×{args.size[1]}; "
+    shape = "batch×3×height×width, named image → logits" if args.format == "onnx" and not args.static else \
+        f"1×3×{args.size[0]}×{args.size[1]}"
+    print(f"wrote {result.path} ({args.format}, input {shape}; "
           f"deploy form: {after.convs} convs, {after.bns} BNs, {after.params / 1e6:.2f} M params)")
     ok = result.rel_error <= RTOL
-    print(f"{args.format} output vs PyTorch training form: max relative error {result.rel_error:.3g} "
-          f"({'ok' if ok else 'TOO LARGE'}, limit {RTOL:g})")
+    for shape, err in result.errors.items():
+        print(f"{args.format} output vs PyTorch training form on {'×'.join(map(str, shape))}: "
+              f"max relative error {err:.3g} ({'ok' if err <= RTOL else 'TOO LARGE'}, limit {RTOL:g})")
     return 0 if ok else 1
 
 
@@ -101,6 +146,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-classes", type=int, default=19, help="classes without a checkpoint (default 19)")
     p.add_argument("--seed", type=int, default=0, help="random weights' seed without a checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--static", action="store_true", help="ONNX: fixed 1×3×H×W input (default: batch, height "
+                   "and width free, checked on two sizes)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load with weights_only=False (runs pickled code: only for files you trust)")
     p.set_defaults(func=_command)

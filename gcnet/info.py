@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import reparam
+from reparam.progress import Progress
 from reparam.report import stats_table
 
 from .model import FACTORIES
@@ -52,7 +53,9 @@ def model_info(variant: str = "s", size: tuple[int, int] = (1024, 2048), n_paths
 
 
 def _command(args) -> int:
+    progress = Progress("gcnet", quiet=args.quiet)
     for variant in args.variant:
+        progress.step(f"building and fusing GCNet-{variant.upper()}, counting both forms on meta tensors")
         print(model_info(variant, tuple(args.size), args.n_paths).table(), end="\n\n")
     return 0
 

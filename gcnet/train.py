@@ -299,8 +299,9 @@ def _train(config: TrainConfig, resume, rank: int, world: int, device: torch.dev
         for stale in remove_stale_temp_files(last) + remove_stale_temp_files(out / "best.pt"):
             tqdm.write(f"removed {stale}: a checkpoint write that was killed")
     log = CsvLog(out / "log.csv", start) if rank == 0 else None
+    # disable=None: tqdm turns itself off where stderr is not a terminal (no bar flooding a redirected log)
     bar = tqdm(total=config.iters, initial=start, desc="train", dynamic_ncols=True,
-               disable=rank != 0 or not config.progress)
+               disable=True if rank != 0 or not config.progress else None)
     window = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "t": time.perf_counter()}
     net.train()
     for it, (images, labels) in enumerate(loader, start=start + 1):

@@ -51,21 +51,72 @@ def write_atomic(path, overwrite: bool, write: Callable[[str], None]) -> Path:
     return path
 
 
-def to_onnx(model: nn.Module, example_inputs, path, *, opset: int | None = None,
-            overwrite: bool = False) -> Path:
+def to_onnx(model: nn.Module, example_inputs, path, *, opset: int | None = None, overwrite: bool = False,
+            input_names: list[str] | None = None, output_names: list[str] | None = None,
+            dynamic: bool = False) -> Path:
     """Write `model` as an ONNX file (weights inside it) for inputs shaped like `example_inputs`.
 
-    example_inputs: a tensor or a tuple of the forward's arguments, e.g. (1, 3, H, W); the
-    file has fixed shapes. opset: ONNX opset (None: the exporter's default)."""
+    Args:
+        model: an eval-mode model (call `reparam.fuse` first for the deploy form).
+        example_inputs: a tensor or a tuple of the forward's arguments, e.g. (1, 3, H, W).
+        path: the file to write.
+        opset: ONNX opset (None: the exporter's default).
+        overwrite: replace an existing file.
+        input_names, output_names: the graph's input and output names (None: the exporter's).
+        dynamic: batch (dim 0) and, for 4-D inputs, height and width (dims 2, 3) are free;
+            else the file holds the example's fixed shapes.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: the model is in training mode.
+        FileExistsError: `path` exists and `overwrite` is False.
+    """
     _require_eval(model, "ONNX")
     inputs = _inputs(example_inputs)
+    shapes = None
+    if dynamic:
+        axes = lambda t: {0: torch.export.Dim.DYNAMIC, **({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+                                                          if t.dim() == 4 else {})}
+        shapes = tuple(axes(t) for t in inputs)
 
     def write(tmp: str):
         with torch.no_grad():
-            program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset, verbose=False)
+            program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset, verbose=False,
+                                        input_names=input_names, output_names=output_names, dynamic_shapes=shapes)
         program.save(tmp, external_data=False)
+        if dynamic:
+            _name_free_axes(tmp)
 
     return write_atomic(path, overwrite, write)
+
+
+def _name_free_axes(path: str) -> None:
+    """Rename the exporter's symbols (s77) of the inputs' free axes to batch, height, width
+    (input_1_batch, ... with several inputs), everywhere they occur in the file."""
+    import onnx
+    proto = onnx.load(path)
+    names = {}
+    for i, value in enumerate(proto.graph.input):
+        prefix = f"input_{i}_" if len(proto.graph.input) > 1 else ""
+        for axis, dim in zip(("batch", "channels", "height", "width"), value.type.tensor_type.shape.dim):
+            if dim.dim_param:
+                names.setdefault(dim.dim_param, prefix + axis)
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+    onnx.save(proto, path)
+
+
+def onnx_io(path) -> tuple[list[tuple[str, list]], list[tuple[str, list]]]:
+    """([(name, shape)] of the inputs, the same of the outputs) of an ONNX file; a free axis
+    shows as its symbol (a string), a fixed one as its size."""
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    return [(i.name, dims(i)) for i in graph.input], [(o.name, dims(o)) for o in graph.output]
 
 
 def to_torchscript(model: nn.Module, example_inputs, path, *, overwrite: bool = False) -> Path:

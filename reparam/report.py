@@ -8,6 +8,16 @@ from .stats import Stats
 
 @dataclass(frozen=True)
 class Rewrite:
+    """One rewrite `fuse` applied.
+
+    Attributes:
+        rule: the rule's name (`merge_sequential`, `merge_sum`, ...).
+        path: the module path of the op it produced, in the model (`stage3.2.reparam`).
+        detail: what it merged (`conv → bn`, `4 terms → 1`).
+        shape: the produced weight's shape, `Conv2d(out, in/groups, kh, kw)`
+            (`reparam.summary.named_shape` spells it out).
+        key: the engine's key of the rewrite: the same in every fuse of the model.
+    """
     rule: str
     path: str
     detail: str
@@ -17,6 +27,13 @@ class Rewrite:
 
 @dataclass(frozen=True)
 class Skip:
+    """A place a rule left alone.
+
+    Attributes:
+        rule: the rule that refused.
+        path: the module path of the ops it looked at.
+        reason: why, in words a user can act on.
+    """
     rule: str
     path: str
     reason: str
@@ -24,12 +41,32 @@ class Skip:
 
 @dataclass(frozen=True)
 class Untraced:
+    """A module no front end could trace (its children were fused one by one).
+
+    Attributes:
+        path: its module path.
+        message: the tracer's error, first line.
+    """
     path: str
     message: str
 
 
 @dataclass
 class Report:
+    """What `fuse_with_report` did.
+
+    Attributes:
+        rewrites: each rewrite applied, in order.
+        skipped: each place left alone, with its reason.
+        untraced: modules that could not be traced.
+        notes: facts about the run (sizes an exported graph fixes, ...).
+        unchecked: rewrites the self-check could not evaluate.
+        faults: rewrites refused because a rule raised or proposed a wrong one (please report).
+        before: counts of the original model (with example inputs: ops one forward runs).
+        after: the same for the fused model.
+        max_rel_error: the fused model's max relative error against the original on the
+            example inputs (None without them).
+    """
     rewrites: list[Rewrite] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     untraced: list[Untraced] = field(default_factory=list)
@@ -69,9 +106,18 @@ class Report:
 
 
 def stats_table(columns: dict[str, Stats | None], extra: dict[str, list[str]] | None = None) -> str:
-    """A plain-text table: one row per figure, one column per model form."""
+    """A plain-text table: one row per figure, one column per model form.
+
+    Args:
+        columns: column title → the form's Stats (None columns are left out).
+        extra: more rows, title → one cell per column.
+
+    Returns:
+        The table, one line per row.
+    """
     cols = {k: v for k, v in columns.items() if v is not None}
-    rows = [("convs", lambda s: str(s.convs)), ("BNs", lambda s: str(s.bns)),
+    # Stats.convs counts the matrix products of linear layers too: the label says so
+    rows = [("convs + linears", lambda s: str(s.convs)), ("BNs", lambda s: str(s.bns)),
             ("params", lambda s: f"{s.params / 1e6:.3f} M" if s.params >= 100_000 else f"{s.params:,}"),
             ("GMACs", lambda s: "-" if s.macs is None else f"{s.macs / 1e9:.3f}")]
     body = [[name] + [fmt(s) for s in cols.values()] for name, fmt in rows]

@@ -16,7 +16,7 @@ import reparam  # noqa: E402
 from examples.blocks import randomize_norms  # noqa: E402
 from gcnet import FACTORIES  # noqa: E402
 from gcnet.config import GCNetConfig  # noqa: E402
-from reparam.export import check_onnx, onnx_op_counts, to_onnx, to_pt2, to_torchscript  # noqa: E402
+from reparam.export import check_onnx, onnx_io, onnx_op_counts, to_onnx, to_pt2, to_torchscript  # noqa: E402
 from reparam.testing import rel_error  # noqa: E402
 
 pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript")
@@ -148,7 +148,19 @@ def test_gcnet_export_command(tmp_path, capsys):
     out = tmp_path / "s.onnx"
     argv = ["export", "--variant", "s", "--format", "onnx", "--out", str(out), "--size", "64", "64"]
     assert main(argv) == 0
-    assert "max relative error" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "on 1×3×64×64: max relative error" in printed and "on 2×3×128×128: max relative error" in printed
     assert onnx_op_counts(out)["Conv"] == gcnet_deploy_convs(FACTORIES["s"]().config)
-    assert main(argv) == 1  # exists, no --overwrite
+    assert onnx_io(out) == ([("image", ["batch", 3, "height", "width"])], [("logits", ["batch", 19, "height", "width"])])
+    assert main(argv) == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
+    assert main(argv + ["--overwrite", "--static"]) == 0
+    assert onnx_io(out) == ([("image", [1, 3, 64, 64])], [("logits", [1, 19, 64, 64])])
+
+
+def test_dynamic_onnx_runs_other_sizes(tmp_path):
+    model = _small()
+    path = to_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", input_names=["image"],
+                   output_names=["logits"], dynamic=True)
+    for shape in [(1, 3, 8, 8), (3, 3, 16, 24)]:
+        assert check_onnx(path, model, (torch.randn(shape),)) <= RTOL

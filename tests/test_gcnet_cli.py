@@ -1,7 +1,9 @@
-"""The `gcnet` command line: subcommand discovery, info, bench, convert."""
+"""The `gcnet` command line: subcommand discovery, info, bench, convert, errors, extras, --version."""
 import csv
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -140,7 +142,7 @@ def test_unreadable_weights_give_one_line_naming_the_file(command, name, tmp_pat
     path = tmp_path / name
     if BAD_FILES[name] is not None:
         path.write_bytes(BAD_FILES[name])
-    assert cli.main(COMMANDS[command](str(path), tmp_path)) == 1
+    assert cli.main(COMMANDS[command](str(path), tmp_path)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"gcnet: error: {path}: ") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "pred").exists()
@@ -151,7 +153,103 @@ def test_convert_needs_no_variant_and_checks_one_given(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "GCNet (in_channels=3, channels=8, stage_blocks=(4, 4)" in out and "n_paths=2, 19 classes" in out
     assert ck.load(tmp_path / "c8.safetensors").config.channels == 8
-    assert cli.main(["convert", str(FIXTURE), "--variant", "s", "--out", str(tmp_path / "s.safetensors")]) == 1
+    assert cli.main(["convert", str(FIXTURE), "--variant", "s", "--out", str(tmp_path / "s.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "holds another model than GCNet-S: channels 8 in the file, 32 asked" in err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def _exit(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize("sizes", ["512,1024", "512x1024x3", "0x64", "512x", "big"])
+def test_bench_sizes_are_heightxwidth_or_one_clear_error(sizes, capsys):
+    assert _exit(["bench", "--sizes", sizes]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gcnet: error: argument --sizes: expected sizes as HEIGHTxWIDTH") and err.count("\n") == 1
+    assert bench._sizes("512x1024,64X128") == [(512, 1024), (64, 128)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "--variant", "xl"], "argument --variant: invalid choice: 'xl'"),
+    (["train", "--config", "/no/such/recipe.toml"], "missing config file: /no/such/recipe.toml"),
+    (["eval", "/no/such/file.pt"], "/no/such/file.pt: no such file"),
+])
+def test_mistakes_are_one_line_and_exit_2(argv, message, capsys):
+    assert _exit(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gcnet: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ck.CheckpointError, match="no such file"):
+        cli.main(["eval", "/no/such/file.pt", "--debug"])
+
+
+def test_version(capsys):
+    assert _exit(["--version"]) == 0
+    from reparam import __version__
+    assert capsys.readouterr().out.strip() == f"gcnet (reparam {__version__})"
+
+
+@pytest.mark.parametrize("missing", ["PIL", "PIL.Image", "matplotlib", "onnx", "onnxscript", "onnxruntime"])
+def test_help_works_without_the_optional_packages(missing, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` now raises ImportError
+    for argv in (["--help"], ["predict", "--help"], ["export", "--help"], ["bench", "--help"]):
+        assert _exit(argv) == 0
+    assert "predict" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("missing, argv, extra", [
+    ("PIL", lambda tmp: ["predict", str(tmp / "a.png"), "--weights", str(tmp / "w.pt"), "--out", str(tmp)], "gcnet"),
+    ("matplotlib", lambda tmp: ["bench", "--sizes", "32x32,64x64", "--out", str(tmp)], "gcnet"),
+    ("onnxscript", lambda tmp: ["export", "--out", str(tmp / "m.onnx"), "--size", "64", "64"], "export"),
+    ("onnxruntime", lambda tmp: ["export", "--out", str(tmp / "m.onnx"), "--size", "64", "64"], "export"),
+])
+def test_a_missing_extra_is_one_line_naming_it(missing, argv, extra, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, missing, None)
+    assert cli.main(argv(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gcnet: error: ") and err.count("\n") == 1
+    assert err.rstrip().endswith(f"pip install 'reparam[{extra}]'"), err
+    assert list(tmp_path.iterdir()) == []  # nothing done first
+
+
+def test_bench_prints_its_threads_and_labels_the_spread(small_s, capsys):
+    assert cli.main(["bench", "--sizes", "32x64", "--threads", "1", "--warmup", "0", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "1 CPU thread(s)" in out and "fp32 FPS (IQR)" in out
+
+
+def test_plot_never_shows_negative_fps(tmp_path, monkeypatch):
+    axes = []
+    import matplotlib.axes
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, yerr=None, **kw: axes.append((self, y, yerr)) or real(self, x, y, yerr=yerr, **kw))
+    timings = [bench.Timing("ours", "fused", "fp32", (32, 32), 2.0, -1.0, 3.0),
+               bench.Timing("ours", "fused", "fp32", (64, 64), 1.0, 0.5, 1.5)]
+    bench.plot(timings, tmp_path / "p.png")
+    [(ax, y, (low, _))] = axes
+    assert all(v - e >= 0 for v, e in zip(y, low)) and ax.get_ylim()[0] == 0
+
+
+def test_overlay_leaves_background_and_ignored_pixels_as_they_are():
+    from gcnet.predict import background_ids, overlay
+    palette = np.array([(0, 0, 0), (255, 0, 0)], np.uint8)
+    mask = np.array([[0, 1], [255, 1]], np.uint8)
+    image = np.full((2, 2, 3), 100, np.uint8)
+    out = overlay(image, mask, palette, alpha=0.5, keep=background_ids(("background", "car")))
+    assert out[0, 0].tolist() == out[1, 0].tolist() == [100, 100, 100]  # background, ignore: the image
+    assert out[0, 1].tolist() == [178, 50, 50]
+    assert background_ids(("road", "car")) == ()
+
+
+def test_the_sample_image_is_small_and_readable():
+    from gcnet.datasets import read_image
+    path = Path(__file__).resolve().parents[1] / "docs" / "assets" / "sample.png"
+    assert path.stat().st_size < 50_000 and read_image(path, "RGB").shape[2] == 3
