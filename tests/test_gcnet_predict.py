@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+
+import reparam.deploy
 from PIL import Image
 
 from gcnet import cli, gcnet_s
@@ -45,7 +47,7 @@ def test_existing_outputs_are_kept_without_overwrite(run, tmp_path, capsys):
     args = ["predict", str(image), "--weights", str(checkpoint), "--out", str(tmp_path)]
     assert cli.main(args) == 0
     (tmp_path / "street_overlay.png").write_bytes(b"mine")
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2  # a user's mistake: one line, exit 2
     assert "street_mask.png exists" in capsys.readouterr().err
     assert (tmp_path / "street_overlay.png").read_bytes() == b"mine"
     assert cli.main(args + ["--overwrite"]) == 0
@@ -55,11 +57,12 @@ def test_existing_outputs_are_kept_without_overwrite(run, tmp_path, capsys):
 def test_deploy_file_predicts_what_the_checkpoint_predicts(run, tmp_path, capsys):
     """`gcnet eval --deploy --save-deploy` writes a deploy file; predict fuses it on load."""
     checkpoint, image = run
-    deploy_file = tmp_path / "deploy.pt"
+    deploy_file = tmp_path / "deploy.safetensors"
     assert cli.main(["eval", str(checkpoint), "--deploy", "--save-deploy", str(deploy_file), "--workers", "0"]) == 0
     assert "deploy (reparam.fuse)" in capsys.readouterr().out
-    assert "optimizer" not in torch.load(deploy_file, weights_only=True)  # weights and metadata only
-    assert cli.main(["eval", str(checkpoint), "--save-deploy", str(deploy_file)]) == 1
+    meta = reparam.deploy.read_metadata(deploy_file)  # the fused weights and what rebuilds them
+    assert meta["build"] == "gcnet.GCNet(s)" and "classes" in meta["metadata"]
+    assert cli.main(["eval", str(checkpoint), "--save-deploy", str(deploy_file)]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
     assert cli.main(["predict", str(image), "--weights", str(deploy_file), "--out", str(tmp_path / "d")]) == 0

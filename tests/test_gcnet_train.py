@@ -74,7 +74,7 @@ def test_cli_train_pause_and_resume_with_amp(tmp_path, capsys):
             "--amp"]  # bfloat16 autocast on the CPU
     assert cli.main(args + ["--stop-at", "1"]) == 0
     assert read_checkpoint(run / "last.pt")["iteration"] == 1
-    assert cli.main(args) == 1  # a run is there: never start over silently
+    assert cli.main(args) == 2  # a run is there: never start over silently
     assert "last.pt exists: pass --resume" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(run / "last.pt")]) == 0  # the saved config carries on
     assert read_checkpoint(run / "last.pt")["iteration"] == 2
