@@ -109,7 +109,11 @@ def written(node: fx.Node, modules: dict) -> fx.Node | None:
         return first if name.endswith("_") and not name.startswith("_") and name not in NOT_WRITES else None
     if node.op == "call_method":
         return first if name.endswith("_") and not name.startswith("_") and name not in NOT_WRITES else None
-    if node.op == "call_module" and getattr(modules.get(node.target), "inplace", False) is True:
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if getattr(m, "inplace", False) is True:
+        if m._forward_pre_hooks or m._forward_hooks:  # a pre-hook may hand it another tensor to write
+            raise Refused(f"'{node.name}' is an in-place {type(m).__name__} with hooks: what it writes "
+                          "cannot be told from the graph")
         return first
     return None
 

@@ -207,3 +207,26 @@ def test_a_returned_copy_is_kept(how):
     assert torch.equal(b, a)
     with torch.no_grad():
         assert torch.equal(fused(x.clone()), model(x.clone()))
+
+
+class HookedInPlace(nn.Module):
+    """An in-place module whose pre-hook hands it a new tensor: it writes that one, not x."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.Hardswish(inplace=True)
+        self.act.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+        self.a, self.b = conv_bn(), conv_bn(3, 3, 1)
+
+    def forward(self, x):
+        y = self.act(x)
+        return self.a(x) + self.b(x) + y
+
+
+def test_an_in_place_module_with_hooks_is_not_assumed_to_write_its_argument():
+    model = randomize(HookedInPlace(), 0).eval()
+    fused, report = reparam.fuse_with_report(model)
+    x = torch.randn(2, 3, 7, 9)
+    with torch.no_grad():
+        assert reparam.testing.rel_error(model(x.clone()), fused(x.clone())) <= 1e-5, str(report)
+    assert any("with hooks" in u.message for u in report.untraced)
