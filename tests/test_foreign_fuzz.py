@@ -7,7 +7,9 @@ For every generated program and both ways of calling fuse, `reparam.fuse_with_re
   - leaves nothing alone with an "internal error";
   - computes what the eager eval-mode model computes, on two input shapes of different spatial
     size (only the example's shape where the report says "shape-specialized"), within
-    max|a - b| / max|a| ≤ 1e-5 (float32) / 1e-10 (float64), with outputs of the same dtype;
+    max|a - b| / max|a| ≤ 1e-5 (float32) / 1e-10 (float64), with outputs of the same dtype (a
+    float32 difference up to 1e-2 passes where the same program in float64 fuses within 1e-10:
+    rounding magnified by ill-conditioned outputs, see `rounding_only`);
   - writes its inputs as the original does (each forward runs on fresh clones; the clones'
     values after the call must agree);
   - runs no more conv/matmul ops than the original.
@@ -18,6 +20,7 @@ the checks agree with a compiler that handles what it claims to handle.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -68,7 +71,9 @@ def check_fuse(model, inputs, expected, with_inputs: bool, dtype) -> None:
         want, want_after = expected[which]
         assert dtypes(out) == dtypes(want), f"{how}, input {shape}: output dtypes {dtypes(out)} != {dtypes(want)}"
         err = rel_error(want, out)
-        assert err <= TOL[dtype], f"{how}, input {shape}: outputs differ, relative error {err:.3g}"
+        assert err <= TOL[dtype] or (dtype == torch.float32 and err <= 1e-2 and
+                                     rounding_only(model, example, inputs[which], with_inputs)), \
+            f"{how}, input {shape}: outputs differ, relative error {err:.3g}"
         err = rel_error(want_after, after)
         assert err <= TOL[dtype], f"{how}, input {shape}: the input after the call differs, relative error {err:.3g}"
     assert all(torch.equal(a, b) for a, b in zip(example, untouched)), \
@@ -77,6 +82,16 @@ def check_fuse(model, inputs, expected, with_inputs: bool, dtype) -> None:
     ops_before = reparam.count(model, clone_tree(inputs[0])).convs
     ops_after = reparam.count(fused, clone_tree(inputs[0])).convs
     assert ops_after <= ops_before, f"{how}: {ops_after} conv/matmul ops run, the original runs {ops_before}"
+
+
+def rounding_only(model, example, args, with_inputs: bool) -> bool:
+    """A float32 difference (below 1e-2) is rounding where the same program in float64 fuses to
+    the same function within TOL[float64]: outputs that are small differences of large terms
+    (random BN statistics, a ReLU that cuts almost everything) magnify float32 rounding."""
+    model64 = copy.deepcopy(model).double()
+    example64, args64 = (tuple(a.double() if isinstance(a, torch.Tensor) else a for a in t) for t in (example, args))
+    fused64 = reparam.fuse(model64, clone_tree(example64) if with_inputs else None)
+    return rel_error(run(model64, args64)[0], run(fused64, args64)[0]) <= TOL[torch.float64]
 
 
 # One failure per test is shrunk and reported (not every distinct one): a failing property
