@@ -102,6 +102,8 @@ class _Probes:
         self.values: dict[fx.Node, object] = {}
         self.hints = {n.input: n.spec for n in news}
         self.size = _sizes(news)
+        # one sample, but two where the region moves axes (a rule may mistake the batch axis)
+        self.batch = 2 if any(_moves_axes(n) for n in region) else 1
         self.out_shape = None
         # kept terms are computed from their own inputs where they can be: a rule may rely on
         # what they are (relu(relu(x)) is relu(x) because relu(x) is never negative)
@@ -140,12 +142,12 @@ class _Probes:
             return self.g.size_hint(n)
         spec = self.hints.get(n)
         if spec is not None:
-            return (2, spec.in_channels, *self.size[:spec.nd])
+            return (self.batch, spec.in_channels, *self.size[:spec.nd])
         if recorded is not None and len(recorded) >= 2 and isinstance(recorded[1], int):
-            return (2, recorded[1], *self.size[:len(recorded) - 2])
+            return (self.batch, recorded[1], *self.size[:len(recorded) - 2])
         if self.out_shape is not None:
             return self.out_shape
-        return (2, 4, *self.size[:2])  # shape-agnostic ops (identity, reshape round trips)
+        return (self.batch, 4, *self.size[:2])  # shape-agnostic ops (identity, reshape round trips)
 
     def _fits(self, got, want) -> bool:
         """A value of shape `got` can stand where `want` was planned (channels may differ
@@ -259,6 +261,16 @@ def evaluate(g: Graph, node: fx.Node, known: dict):
 
     with torch.no_grad():
         return value(node)
+
+
+_AXES = ("flatten", "unflatten", "reshape", "view", "permute", "movedim", "transpose", "squeeze", "unsqueeze",
+         "getitem", "cat", "stack", "split", "chunk", "expand", "select", "narrow", "slice", "mean")
+
+
+def _moves_axes(n: fx.Node) -> bool:
+    """`n` reshapes, reorders, indexes or reduces axes (which ones matters to it)."""
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return n.op in ("call_function", "call_method") and any(a in name for a in _AXES)
 
 
 def _sizes(news: list[NewConv]) -> tuple[int, ...]:

@@ -177,3 +177,19 @@ def test_a_nan_the_model_does_not_compute_is_a_difference():
     assert reparam.testing.rel_error(torch.tensor([1.0, nan, 3.0]), x) == math.inf
     assert reparam.testing.rel_error(torch.tensor([1.0, inf]), torch.tensor([1.0, -inf])) == math.inf
     assert reparam.testing.rel_error(torch.tensor([nan, inf, 2.0]), torch.tensor([nan, inf, 2.0])) == 0.0
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + torch.rand_like(x[:, :1])
+
+
+def test_a_model_whose_outputs_change_from_call_to_call_is_fused_and_says_so():
+    model, x = randomize(Noisy(), 0).eval(), torch.randn(2, 3, 7, 9)
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert reparam.count(fused, (x,)).bns == 0
+    assert any("change from call to call" in n for n in report.notes), str(report)
