@@ -214,6 +214,66 @@ def test_an_expanded_model_trains_and_its_new_branches_learn():
     assert all(p.grad is not None and p.grad.any() for p in expanded.parameters())
 
 
+def _ddp_train(rank: int, world: int, folder: str, steps: int):
+    """One rank of test_an_expanded_model_trains_under_ddp: expand, wrap, train on this rank's
+    batch, save the parameters, the gradients of the last step and the state_dict."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(reparam.expand(_vgg(), "gcblock").train())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        x, target = inputs((4, 3, 16, 16), 10 + rank), inputs((4, 6, 8, 8), 20 + rank)  # a batch per rank
+        for _ in range(steps):
+            opt.zero_grad()
+            (ddp(x) - target).square().mean().backward()
+            opt.step()
+        model = ddp.module
+        torch.save({"params": {k: p.detach() for k, p in model.named_parameters()},
+                    "grads": {k: p.grad for k, p in model.named_parameters()},
+                    "state_dict": model.state_dict()}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_expanded_model_trains_under_ddp_and_its_state_dict_fuses_to_the_plain_convs(tmp_path):
+    """Two gloo ranks on CPU: DDP sees ordinary modules (the new branches are parameters and BN
+    buffers like any other), the gradients reach every new branch, the ranks stay in step."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    world, steps = 2, 3
+    mp.spawn(_ddp_train, args=(world, str(tmp_path), steps), nprocs=world)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    fresh = reparam.expand(_vgg(), "gcblock")  # the ranks' start: DDP broadcasts rank 0's parameters
+    start = {k: p.detach().clone() for k, p in fresh.named_parameters()}
+    new = {f"{path}.branches.{name}.{k}": f"{path}.branches.{name}"  # parameter → its new branch
+           for path, m in fresh.named_modules() if isinstance(m, Branches)
+           for name, branch in list(m.branches.items())[1:] for k, _ in branch.named_parameters()}
+    # path1, path_1x1 and identity in 4 blocks, but the strided first one has no identity
+    assert len(set(new.values())) == 11 and set(new) <= set(ranks[0]["grads"])
+    grads = ranks[0]["grads"]  # the last step's, averaged over the ranks
+    assert all(grads[k] is not None for k in grads) and all(grads[k].any() for k in new), \
+        [k for k in grads if grads[k] is None or (k in new and not grads[k].any())]
+    for k, p in ranks[0]["params"].items():
+        assert torch.equal(p, ranks[1]["params"][k]), f"the ranks disagree on {k}"
+    # every new branch learned (at first only its last, zero BN moves: the gradient behind a zero
+    # BN starts at zero, and three steps move some weights by less than a float32 ulp)
+    moved = {new[k] for k in new if not torch.equal(ranks[0]["params"][k], start[k])}
+    assert moved == set(new.values()), sorted(set(new.values()) - moved)
+
+    state = ranks[0]["state_dict"]
+    fresh.load_state_dict(state)  # strict: the same keys and shapes
+    assert list(fresh.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+    fresh.eval()
+    fused = reparam.fuse(fresh, (X,))
+    assert conv_kernels(fused, X) == conv_kernels(reparam.fuse(_vgg(), (X,)), X)
+    assert reparam.count(fused, (X,)).bns == 0
+    check_equivalent(fresh, fused, X, 1e-5)
+
+
 def test_preserve_function_false_starts_the_new_branches_from_default_init():
     model = _vgg()
     expanded, report = reparam.expand_with_report(model, "repvgg", preserve_function=False, example_inputs=(X,))
