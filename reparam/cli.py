@@ -81,7 +81,9 @@ def _registry(package: str, name: str):
                              (f"; similar: {', '.join(close)}" if close else ""))
         return lambda **kw: torchvision.models.get_model(name, **kw)
     except ImportError as e:
-        raise UsageError(f"'{package}:{name}' needs {package}: pip install {package} ({e})") from None
+        if e.name not in (None, package):  # the package is there; something it imports is not
+            raise UsageError(f"'{package}:{name}': importing {package} failed: {e}") from None
+        raise UsageError(f"'{package}:{name}' needs {package}: pip install {package}") from None
 
 
 def load_factory(spec: str):
@@ -119,8 +121,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def report(args) -> int:
-    progress = Progress("reparam", quiet=args.quiet)
+def model_and_input(args, progress: Progress) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The eval-mode model and a random input from the arguments of `add_model_arguments`
+    (threads set, seeded); a model that fails on the input is a UsageError."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -135,6 +138,13 @@ def report(args) -> int:
         hint = "; image models take N,C,H,W" if x.dim() != 4 else ""
         raise UsageError(f"{args.model} fails on --input-shape {','.join(map(str, x.shape))}: "
                          f"{type(e).__name__}: {_first_line(e)}{hint}") from e
+    return model, x
+
+
+def report(args) -> int:
+    progress = Progress("reparam", quiet=args.quiet)
+    model, x = model_and_input(args, progress)
+    dtype, device = x.dtype, x.device
     cmp = compare(model, (x,), warmup=args.warmup, repeats=args.repeats, max_macs_ratio=args.max_macs_ratio,
                   progress=progress)
     rep = cmp.report
@@ -195,6 +205,20 @@ def _threads(text: str) -> int:
     return int(text)
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL, --kwargs, --input-shape, --dtype, --device, --threads, --seed: what
+    `model_and_input` reads (shared with benchmarks/fuse_bench.py)."""
+    p.add_argument("model", metavar="MODEL", help=SPELLINGS)
+    p.add_argument("--kwargs", type=_kwargs, default={}, metavar="NAME=VALUE,...",
+                   help="keyword arguments for the factory, e.g. num_classes=10,pretrained=False")
+    p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="N,C,H,W (default 1,3,224,224)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="torch CPU threads (default: torch's; the output says how many)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="reparam", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,18 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="fuse a model and print the before/after table",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("model", metavar="MODEL", help=SPELLINGS)
-    r.add_argument("--kwargs", type=_kwargs, default={}, metavar="NAME=VALUE,...",
-                   help="keyword arguments for the factory, e.g. num_classes=10,pretrained=False")
-    r.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="N,C,H,W (default 1,3,224,224)")
-    r.add_argument("--dtype", choices=DTYPES, default="float32")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--threads", type=_threads, default=None,
-                   help="torch CPU threads (default: torch's; the output says how many)")
+    add_model_arguments(r)
     r.add_argument("--repeats", type=_threads, default=10, help="timed passes per form, interleaved")
     r.add_argument("--warmup", type=int, default=3)
     r.add_argument("--rtol", type=float, default=None, help="limit on the max relative error")
-    r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-macs-ratio", type=float, default=1.0,
                    help="allow merges costing up to this times the MACs they replace (inf: all exact merges)")
     r.add_argument("-v", "--verbose", action="store_true", help="list every rewrite under its block")
@@ -225,15 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(prog: str, func, args) -> int:
+    """`func(args)`, with a UsageError printed as one line `PROG: error: ...` (exit 2), or
+    raised with its traceback under `args.debug`."""
     try:
-        return args.func(args)
+        return func(args)
     except UsageError as e:
         if args.debug:
             raise
-        print(f"reparam: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run("reparam", args.func, args)
 
 
 if __name__ == "__main__":

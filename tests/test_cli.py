@@ -1,6 +1,7 @@
 """`reparam report`: the three model spellings, --kwargs, one-line errors (exit 2), --version,
 --threads, progress only on a terminal, the block-grouped report and --health."""
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,36 @@ def test_progress_on_a_terminal_only_and_never_with_quiet(capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert "reparam: fusing" in run(capsys, "report", "test_cli:tiny_net", *TINY)[2]
     assert run(capsys, "report", "test_cli:tiny_net", "--quiet", *TINY)[2] == ""
+
+
+@pytest.mark.parametrize("timm_init, message", [
+    (None, "'timm:repvgg_a0' needs timm: pip install timm"),  # not installed
+    ("import no_such_dependency_xyz\n", "'timm:repvgg_a0': importing timm failed: No module named "
+                                        "'no_such_dependency_xyz'"),  # installed, a dependency missing
+])
+def test_a_missing_registry_package_is_one_line(timm_init, message, capsys, monkeypatch, tmp_path):
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    if timm_init is None:
+        monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ModuleNotFoundError('timm')
+    else:
+        (tmp_path / "timm").mkdir()
+        (tmp_path / "timm" / "__init__.py").write_text(timm_init)
+        monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run(capsys, "report", "timm:repvgg_a0", "--repeats", "1")
+    assert code == 2 and out == "" and err == f"reparam: error: {message}\n"
+
+
+def test_fuse_bench_takes_the_report_spellings_and_errors(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `benchmarks`
+    from benchmarks import fuse_bench
+    argv = ["test_cli:tiny_net", "--kwargs", "num_classes=7", "--input-shape", "1,3,16,16", "--threads", "1",
+            "--fuse-repeats", "1", "--repeats", "2", "--min-time", "0"]
+    assert fuse_bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "test_cli:tiny_net  input (1, 3, 16, 16) float32 on cpu, 1 CPU thread(s)" in out
+    assert "speed-up:" in out and "interleaved" in out
+    assert fuse_bench.main(["test_cli:tiny_net", "--kwargs", "colour=3"]) == 2
+    assert capsys.readouterr().err.startswith("fuse_bench: error: test_cli:tiny_net(colour=3) failed: TypeError")
+    assert fuse_bench.main(["resnet50"]) == 2
+    assert "fuse_bench: error: expected timm:NAME, torchvision:NAME" in capsys.readouterr().err
