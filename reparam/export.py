@@ -51,7 +51,7 @@ def write_atomic(path, overwrite: bool, write: Callable[[str], None]) -> Path:
     return path
 
 
-def to_onnx(model: nn.Module, example_inputs, path, *, opset: int | None = None, overwrite: bool = False,
+def to_onnx(model: nn.Module, example_inputs: torch.Tensor | tuple, path: str | Path, *, opset: int | None = None, overwrite: bool = False,
             input_names: list[str] | None = None, output_names: list[str] | None = None,
             dynamic: bool = False) -> Path:
     """Write `model` as an ONNX file (weights inside it) for inputs shaped like `example_inputs`.
@@ -62,7 +62,8 @@ def to_onnx(model: nn.Module, example_inputs, path, *, opset: int | None = None,
         path: the file to write.
         opset: ONNX opset (None: the exporter's default).
         overwrite: replace an existing file.
-        input_names, output_names: the graph's input and output names (None: the exporter's).
+        input_names: the graph's input names (None: the exporter's).
+        output_names: the graph's output names (None: the exporter's).
         dynamic: batch (dim 0) and, for 4-D inputs, height and width (dims 2, 3) are free;
             else the file holds the example's fixed shapes.
 

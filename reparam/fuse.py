@@ -64,12 +64,15 @@ def fresh(inputs):
     return None if inputs is None else tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
 
 
-def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = False,
+def fuse_with_report(model: nn.Module, example_inputs: tuple | None = None, *, inplace: bool = False,
                      max_macs_ratio: float = 1.0) -> tuple[nn.Module, Report]:
     """Fuse `model` (see `fuse`) and say what was done, what was left alone and why.
 
     Args:
-        model, example_inputs, inplace, max_macs_ratio: as for `fuse`.
+        model: as for `fuse`.
+        example_inputs: as for `fuse`.
+        inplace: as for `fuse`.
+        max_macs_ratio: as for `fuse`.
 
     Returns:
         (fused, report): the module `fuse` returns and a `Report` (counts before and after, the
@@ -77,7 +80,8 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = F
         measured max relative error).
 
     Raises:
-        ValueError, reparam.InternalError: as for `fuse`.
+        ValueError: as for `fuse`.
+        reparam.InternalError: as for `fuse`.
     """
     inputs = _check(model, example_inputs, max_macs_ratio)
     training = model.training
@@ -106,7 +110,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, inplace: bool = F
     return fused, report
 
 
-def fuse(model: nn.Module, example_inputs=None, *, inplace: bool = False,
+def fuse(model: nn.Module, example_inputs: tuple | None = None, *, inplace: bool = False,
          max_macs_ratio: float = 1.0) -> nn.Module:
     """An eval-mode module computing `model`'s eval-mode function with as few convs as is exact.
 
@@ -135,11 +139,13 @@ def fuse(model: nn.Module, example_inputs=None, *, inplace: bool = False,
     return fuse_with_report(model, example_inputs, inplace=inplace, max_macs_ratio=max_macs_ratio)[0]
 
 
-def explain(model: nn.Module, example_inputs=None, *, max_macs_ratio: float = 1.0) -> Report:
+def explain(model: nn.Module, example_inputs: tuple | None = None, *, max_macs_ratio: float = 1.0) -> Report:
     """What `fuse` would do to `model`, without keeping the fused module.
 
     Args:
-        model, example_inputs, max_macs_ratio: as for `fuse`.
+        model: as for `fuse`.
+        example_inputs: as for `fuse`.
+        max_macs_ratio: as for `fuse`.
 
     Returns:
         The `Report` of `fuse_with_report` (print it for a table; with example inputs it holds

@@ -10,7 +10,6 @@ dilation, groups incl. depthwise, residual connections), for every recipe:
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
