@@ -92,7 +92,7 @@ def is_size(a) -> bool:
 
 def written(node: fx.Node, modules: dict) -> fx.Node | None:
     """The tensor node that `node` writes in place, else None."""
-    first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    first = _source(node)
     if not isinstance(first, fx.Node) or is_size(first):
         return None
     name = _name(node)
@@ -118,10 +118,15 @@ def written(node: fx.Node, modules: dict) -> fx.Node | None:
     return None
 
 
+def _source(node: fx.Node):
+    """The tensor an op reads first (its first argument, or its first keyword argument)."""
+    return node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+
+
 def view_kind(node: fx.Node, modules: dict) -> str | None:
     """How `node`'s value relates to its first argument's storage: 'same' (the tensor itself),
     'view', 'maybe' (a view or a copy, depending on strides, dtype or device), else None."""
-    first = node.args[0] if node.args else None
+    first = _source(node)
     if not isinstance(first, fx.Node) or is_size(first):
         return None
     name = _name(node)
@@ -203,7 +208,10 @@ class _Pass:
         else:
             with self.graph.inserting_before(at):  # n's source is its first argument (see `run`)
                 val = self.graph.node_copy(n, lambda a: self.current(a, at))
-                val.update_arg(0, base)
+                if n.args:
+                    val.update_arg(0, base)
+                else:  # called by keyword: `self.m(input=x)`
+                    val.update_kwarg(next(iter(n.kwargs)), base)
         self.value[n] = (version, val)
         return val
 
@@ -212,7 +220,7 @@ class _Pass:
             if node.op == "output":
                 self._finish(node)
                 break
-            first = node.args[0] if node.args else None
+            first = _source(node)
             target = written(node, self.modules)
             node.args = fx.node.map_arg(node.args, lambda a: self.current(a, node))
             node.kwargs = fx.node.map_arg(node.kwargs, lambda a: self.current(a, node))

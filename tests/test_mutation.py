@@ -25,6 +25,7 @@ class Idiom(nn.Module):
         self.how = how
         self.a, self.b = conv_bn(), conv_bn(3, 3, 1)
         self.relu = nn.ReLU(inplace=True)
+        self.ident = nn.Identity()
 
     def forward(self, x):
         how = self.how
@@ -88,6 +89,10 @@ class Idiom(nn.Module):
             v = y.view(y.shape[0], -1)
             y.add_(-0.25)
             return v.reshape_as(y)
+        if how == "keyword-alias-written":  # nn.Identity()(input=x) is x itself: the write reaches x
+            y = self.ident(input=x)
+            y.mul_(2)
+            return self.a(x) + self.b(x)
         if how == "slice-assign":
             y = self.a(x)
             y[:, :1] = self.b(x)[:, :1]
@@ -109,7 +114,7 @@ class Idiom(nn.Module):
 
 IDIOMS = ["conv-then-input-relu_", "relu-module-inplace", "F.relu-inplace", "hardswish-inplace", "alias-iadd",
           "add_-clamp_", "clone-then-source-written", "clone-written", "plus-zero-written", "cat-one-written",
-          "contiguous-written", "reshape_as-round-trip-written", "view-written", "view-taken-between-writes", "slice-assign", "index_put_",
+          "contiguous-written", "reshape_as-round-trip-written", "view-written", "view-taken-between-writes", "keyword-alias-written", "slice-assign", "index_put_",
           "copy_", "writes-its-input"]
 
 
