@@ -11,6 +11,7 @@ command fails if they differ by more than a relative error of 1e-4.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +57,8 @@ def other_size(size) -> tuple[int, int]:
     return half if half != tuple(size) else tuple(s + 64 for s in size)
 
 
-def export(model: nn.Module, fmt: str, out: str | Path, size: tuple[int, int] = (1024, 2048), *,
-           overwrite: bool = False, dynamic: bool = True,
-           progress: Progress = QUIET) -> Exported:
+def export(model: nn.Module, fmt: str, out: str | os.PathLike, size: tuple[int, int] = (1024, 2048), *,
+           overwrite: bool = False, dynamic: bool = True, progress: Progress = QUIET) -> Exported:
     """Fuse `model` (an eval-mode copy; `model` is not changed), write it as `fmt` and check the
     file against `model`.
 

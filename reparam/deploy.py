@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 FORMAT = "reparam-deploy/1"
 
 
-def save(fused: nn.Module, path, *, build: str | None = None, max_macs_ratio: float = 1.0,
+def save(fused: nn.Module, path: str | os.PathLike, *, build: str | None = None, max_macs_ratio: float = 1.0,
          metadata: dict | None = None) -> Path:
     """Write `fused` (the result of `reparam.fuse`) to `path` as safetensors.
 
@@ -51,7 +52,7 @@ def save(fused: nn.Module, path, *, build: str | None = None, max_macs_ratio: fl
     return path
 
 
-def read_metadata(path) -> dict:
+def read_metadata(path: str | os.PathLike) -> dict:
     """The metadata `save` stored (raises ValueError naming the file if it is not such a file)."""
     from safetensors import safe_open
 
@@ -65,7 +66,8 @@ def read_metadata(path) -> dict:
     return {**meta, "metadata": json.loads(meta.get("metadata") or "{}")}
 
 
-def load(path, build, *, device="cpu", dtype=None, example_inputs=None) -> nn.Module:
+def load(path: str | os.PathLike, build: Callable[[], nn.Module], *, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None, example_inputs: tuple | None = None) -> nn.Module:
     """The deploy model stored at `path`, built by fusing `build()` on the meta device.
 
     Args:
