@@ -19,7 +19,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from .algebra import ConvSpec, dense
-from .mutation import is_size
+from .mutation import is_size, op_name
 from .ops import Constant, Graph, NewConv, Rewrite, plain
 
 TOLERANCE = 1e-9  # float64 evaluation of the same weights: only rounding differs
@@ -269,8 +269,7 @@ _AXES = ("flatten", "unflatten", "reshape", "view", "permute", "movedim", "trans
 
 def _moves_axes(n: fx.Node) -> bool:
     """`n` reshapes, reorders, indexes or reduces axes (which ones matters to it)."""
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-    return n.op in ("call_function", "call_method") and any(a in name for a in _AXES)
+    return n.op in ("call_function", "call_method") and any(a in op_name(n) for a in _AXES)
 
 
 def _sizes(news: list[NewConv]) -> tuple[int, ...]:

@@ -20,14 +20,13 @@ class Budget:
     (None: any number). `fuse` uses it to find the rewrites behind a wrong result."""
     limit: int | None = None
     blocked: set = field(default_factory=set)
-    applied: int = 0
     log: list = field(default_factory=list)  # the rewrites applied, in order (paths in the model)
     # fingerprints of rewrites the self-check passed: the same rewrite of the same ops (a module
     # fused again on its own, after a graph of its parent) is not evaluated twice
     verified: dict = field(default_factory=dict)
 
     def allows(self, key) -> bool:
-        return key not in self.blocked and (self.limit is None or self.applied < self.limit)
+        return key not in self.blocked and (self.limit is None or len(self.log) < self.limit)
 
 
 @dataclass
@@ -120,7 +119,6 @@ def run(gm: fx.GraphModule, rules=None, max_passes: int = 100, max_macs_ratio: f
                         except Exception as e:
                             raise InternalError(f"applying {result.rule} at {where(result.output)} failed: "
                                                 f"{type(e).__name__}: {e}") from e
-                        budget.applied += 1
                         out.applied.append(report.Rewrite(result.rule, _where(g, new), result.detail,
                                                           _shape(g, new), k))
                         budget.log.append(replace(out.applied[-1], path=prefix + out.applied[-1].path))

@@ -66,7 +66,7 @@ def _inplace_param(fn) -> int | None:
     return names.index("inplace") if "inplace" in names else None
 
 
-def _name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", "")
 
@@ -95,7 +95,7 @@ def written(node: fx.Node, modules: dict) -> fx.Node | None:
     first = _source(node)
     if not isinstance(first, fx.Node) or is_size(first):
         return None
-    name = _name(node)
+    name = op_name(node)
     if node.op == "call_function":
         t = node.target
         if t in INPLACE_OPERATORS or t is operator.setitem or name == "__setitem__":
@@ -129,7 +129,7 @@ def view_kind(node: fx.Node, modules: dict) -> str | None:
     first = _source(node)
     if not isinstance(first, fx.Node) or is_size(first):
         return None
-    name = _name(node)
+    name = op_name(node)
     if node.op == "call_module":
         return "same" if type(modules.get(node.target)) in SAME_MODULES else \
             "maybe" if isinstance(modules.get(node.target), nn.Flatten) else None
@@ -200,7 +200,7 @@ class _Pass:
             return val
         up, kind = self.parent[n]
         if kind == "maybe":
-            raise Refused(f"'{n.name}' ({_name(n)} of '{up.name}') may or may not share memory with it, and "
+            raise Refused(f"'{n.name}' ({op_name(n)} of '{up.name}') may or may not share memory with it, and "
                           f"'{up.name}' is written in place before '{at.name}' reads '{n.name}'")
         base = self.current(up, at)
         if kind == "same":
@@ -244,7 +244,7 @@ class _Pass:
                 others = [m for m in self._members(root) if v not in self.chain(m)]
                 if any(self._read_after(m, node) for m in others):
                     raise Refused(f"'{node.name}' writes '{v.name}', which may or may not share memory with "
-                                  f"'{self.parent[v][0].name}' ({_name(v)}), read later")
+                                  f"'{self.parent[v][0].name}' ({op_name(v)}), read later")
                 self.value[v] = (self.version.get(root, 0), self.current(v, node))
                 del self.parent[v]  # from here on v is a tensor of its own
                 self.version[v] = self.version.get(root, 0)
@@ -264,7 +264,7 @@ class _Pass:
         self.writes.append(node)
 
     def _out_of_place(self, node: fx.Node) -> fx.Node:
-        g, args, kwargs, name = self.graph, node.args, dict(node.kwargs), _name(node)
+        g, args, kwargs, name = self.graph, node.args, dict(node.kwargs), op_name(node)
         if node.op == "call_module":
             return g.call_module(self._functional_module(node.target), args, kwargs)
         t = node.target
@@ -302,7 +302,7 @@ class _Pass:
         """`base` with `view` (a view node of it) holding `value`."""
         if view.op == "call_function" and view.target is operator.getitem:
             return self.graph.call_function(functional.setitem, (base, view.args[1], value))
-        return self.graph.call_function(functional.scatter, (base, value, _name(view), *view.args[1:]),
+        return self.graph.call_function(functional.scatter, (base, value, op_name(view), *view.args[1:]),
                                         dict(view.kwargs))
 
     def _members(self, root: fx.Node) -> list[fx.Node]:
