@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import re
 from dataclasses import replace
 
 import torch
@@ -318,8 +319,10 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
         return module  # nothing merged: the module itself is exact, and keeps its class
     if getattr(gm, "reparam_static", None):
         shapes = ", ".join("(" + ", ".join(map(str, s)) + ")" for s in gm.reparam_static)
+        guards = getattr(gm, "reparam_guards", [])
+        held = f", where {' and '.join(guards)}" if guards else ""
         report.notes.append(f"the exported graph of '{path or '<root>'}' is shape-specialized: it accepts "
-                            f"inputs of shape {shapes} only (* is any size)")
+                            f"inputs of shape {shapes} only (* is any size){held}")
     for name, value in vars(module).items():  # what the caller may read: `self.attn.resolution`
         if not (name.startswith("_") or name == "training" or name in vars(gm)
                 or isinstance(value, (nn.Module, torch.Tensor))):
@@ -429,7 +432,11 @@ def _postcondition(original: nn.Module, fused: nn.Module, inputs):
         if t.is_meta and not on_meta:
             raise InternalError(f"reparam: internal error: the fused model's '{name}' is on the meta "
                                 "device (never materialized) — please report")
-        if t.is_floating_point() and (t.dtype, t.device.type) not in kinds:
+        # a value the forward makes (`torch.tensor(0.5, dtype=torch.float64)`: fx's
+        # `_tensor_constant<i>`, folded as `_reparam_const_<i>` in the dtype of what it replaced)
+        # is the program's, whatever its dtype; the weights of the ops reparam makes are not
+        constant = _CONSTANT.fullmatch(name.rsplit(".", 1)[-1])
+        if t.is_floating_point() and (t.dtype, t.device.type) not in kinds and not constant:
             raise InternalError(f"reparam: internal error: the fused model's '{name}' is {t.dtype} on "
                                 f"{t.device}, which the model never had — please report")
     for m in fused.modules():
@@ -443,6 +450,9 @@ def _postcondition(original: nn.Module, fused: nn.Module, inputs):
                 except AttributeError:
                     raise InternalError(f"reparam: internal error: the fused graph calls '{n.target}', "
                                         "which it does not hold — please report") from None
+
+
+_CONSTANT = re.compile(r"_tensor_constant\d+|_reparam_const_\d+")
 
 
 def _attr(m: nn.Module, target: str):

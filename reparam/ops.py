@@ -499,8 +499,11 @@ class Graph:
                 made.update((r, node) for r in term.replaces)
                 term = node
             elif isinstance(term, Constant):
+                value, meta = term.value, out.meta.get("val", out.meta.get("tensor_meta"))
+                if value.is_floating_point() and getattr(meta, "dtype", torch.int64).is_floating_point:
+                    value = value.to(meta.dtype)  # computed in float64: the dtype it stands for
                 with graph.inserting_before(out):
-                    term = self._add_const(term.value)
+                    term = self._add_const(value)
             vals.append((term, coef))
         with graph.inserting_before(out):
             result = self._combine(vals, rw.cat_dim)

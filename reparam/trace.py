@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._sympy.numbers import int_oo
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import mutation
 from .nn import BNAndPad
@@ -142,7 +142,8 @@ def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     for n in gm.graph.nodes:
         if mutation.written(n, {}) is not None and not _copy_at_end(n):
             raise mutation.Refused(f"the exported graph still writes in place at '{n.name}'")
-    gm.reparam_static = _static_sizes(gm, ep.range_constraints)
+    gm.reparam_guards = _guards_failed(gm, inputs, ep.range_constraints)
+    gm.reparam_static = _static_sizes(gm, ep.range_constraints, bool(gm.reparam_guards))
     return gm
 
 
@@ -156,9 +157,10 @@ def _copy_at_end(node: fx.Node) -> bool:
     return True
 
 
-def _static_sizes(gm: fx.GraphModule, ranges: dict) -> list[tuple]:
+def _static_sizes(gm: fx.GraphModule, ranges: dict, guarded: bool = False) -> list[tuple]:
     """The input shapes of an exported graph ('*' for a size it lets vary freely, 'lo..hi' for a
-    size it bounds) where it fixes or bounds a size other than the channel count (dim 1), else []."""
+    size it bounds) where it fixes or bounds a size other than the channel count (dim 1) or has
+    `guarded` sizes, else []."""
     def size(s):
         if is_concrete_int(s):
             return int(s)
@@ -173,7 +175,39 @@ def _static_sizes(gm: fx.GraphModule, ranges: dict) -> list[tuple]:
         if isinstance(val, torch.Tensor):
             shapes.append(tuple(size(s) for s in val.shape))
     fixed = any(s != "*" for shape in shapes for i, s in enumerate(shape) if i != 1 or len(shape) < 2)
-    return shapes if fixed else []
+    return shapes if fixed or guarded else []
+
+
+def _guards_failed(gm: fx.GraphModule, inputs: tuple, ranges: dict) -> list[str]:
+    """The guards of an exported graph (conditions its trace took on the input sizes, such as
+    `x.size()[2] // 2 == 1`, which the range constraints do not show) that fail at other sizes:
+    each free size, alone and all together, grown by 1 to 4 within its range."""
+    guards = getattr(gm, "_guards_fn", None)
+    places = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    leaves = tree_leaves(inputs)
+    if guards is None or len(places) != len(leaves):
+        return []
+    hints = {}  # each free size's value in the example
+    for val, t in zip(places, leaves):
+        if isinstance(val, torch.Tensor) and isinstance(t, torch.Tensor):
+            for s, n in zip(val.shape, t.shape):
+                if not is_concrete_int(s) and s.node.expr.is_Symbol:
+                    hints[s.node.expr] = n
+    groups = [list(hints)] + ([[s] for s in hints] if len(hints) > 1 else [])
+    failed = []
+    for d in (1, 2, 3, 4):
+        for grown in groups:
+            values = {s: n + d if s in grown and (s not in ranges or n + d <= ranges[s].upper) else n
+                      for s, n in hints.items()}
+            try:
+                guards(*[torch.empty([int(s) if is_concrete_int(s) else int(s.node.expr.subs(values))
+                                      for s in val.shape], dtype=val.dtype, device="meta")
+                         if isinstance(val, torch.Tensor) else t for val, t in zip(places, leaves)])
+            except Exception as e:  # a guard failed (or a size the probe could not make)
+                message = str(e).removeprefix("Guard failed: ")
+                if message not in failed:
+                    failed.append(message)
+    return failed
 
 
 def _canonical_batch_norm(gm: fx.GraphModule):

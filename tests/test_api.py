@@ -190,6 +190,37 @@ def test_exported_graph_is_kept_only_where_it_merges_across_children(sum_):
         assert all(isinstance(c, fx.GraphModule) for c in fused.children())
 
 
+class SizeBranch(nn.Module):
+    """Branches on a size (fuzz seeds 23, 24): torch.export keeps every size dynamic, its range
+    constraints say so, and a guard `x.size()[2] // 2 == 1` holds the branch the trace took."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn(4, 4, 3), conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x)
+        return y + 1 if x.size(2) // 2 == 1 else y - 1
+
+
+def test_an_exported_graph_whose_guards_fix_a_size_says_shape_specialized():
+    model, x = randomize(SizeBranch(), seed=0).eval(), x_(2, 4, 3, 7)
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert_equivalent(model, fused, x)
+    assert reparam.count(fused, (x,)).convs == 1
+    note = [n for n in report.notes if "shape-specialized" in n]
+    assert note and "x.size()[2] // 2 == 1" in note[0], report.notes
+    with pytest.raises(Exception, match="Guard failed"):
+        fused(x_(2, 4, 5, 7))
+
+
+def test_an_exported_graph_whose_guards_hold_at_other_sizes_is_not_shape_specialized():
+    model, x = randomize(ShapeChecked(True), seed=0).eval(), x_(2, 4, 8, 8)
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert not [n for n in report.notes if "shape-specialized" in n], report.notes
+    assert_equivalent(model, fused, x_(3, 4, 11, 6))
+
+
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
                                          (torch.bfloat16, LOWP_TOL[torch.bfloat16])])
 def test_dtype_is_kept(dtype, rtol):

@@ -138,6 +138,27 @@ def test_the_post_condition_refuses_a_dtype_the_model_never_had(monkeypatch):
         reparam.fuse(randomize(conv_bn_relu(), 0).eval())
 
 
+class MakesAFloat64Constant(nn.Module):
+    """A float32 model whose forward computes in float64 with a tensor it makes (fuzz seed 26)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        z = x.double()
+        z.index_put_((torch.tensor([0]),), torch.tensor(0.5, dtype=torch.float64))
+        return self.bn(self.conv(x)) + z.float().sum(1, keepdim=True)
+
+
+def test_a_float64_value_the_forward_makes_is_the_models_own_dtype():
+    model, x = randomize(MakesAFloat64Constant(), 0).eval(), torch.randn(2, 3, 7, 6)
+    fused, report = reparam.fuse_with_report(model, (x,))  # was: InternalError "never had"
+    assert reparam.count(fused, (x,)).bns == 0
+    assert {p.dtype for p in fused.parameters()} == {torch.float32}
+    assert_equivalent(model, fused, x)
+
+
 class WritesItsInput(nn.Module):
     def __init__(self):
         super().__init__()
