@@ -242,7 +242,8 @@ class _Pass:
         for i, v in enumerate(chain[:-1]):
             if self.parent[v][1] == "maybe":  # v may be a copy: then nothing above it changes
                 others = [m for m in self._members(root) if v not in self.chain(m)]
-                if any(self._read_after(m, node) for m in others):
+                # an input's value after the call is the caller's to read
+                if root.op == "placeholder" or any(self._read_after(m, node) for m in others):
                     raise Refused(f"'{node.name}' writes '{v.name}', which may or may not share memory with "
                                   f"'{self.parent[v][0].name}' ({op_name(v)}), read later")
                 self.value[v] = (self.version.get(root, 0), self.current(v, node))

@@ -74,6 +74,11 @@ class Idiom(nn.Module):
             y = x.contiguous()  # the input itself: the write reaches x
             y.mul_(0.5)
             return self.a(x) + self.b(x)
+        if how == "contiguous-written-after-the-last-read":  # the caller still sees x afterwards
+            s = self.a(x) + self.b(x)
+            y = x.contiguous()
+            y.mul_(0.5)
+            return s
         if how == "reshape_as-round-trip-written":
             f = self.a(x)
             z = f.flatten(1).reshape_as(f)
@@ -114,7 +119,7 @@ class Idiom(nn.Module):
 
 IDIOMS = ["conv-then-input-relu_", "relu-module-inplace", "F.relu-inplace", "hardswish-inplace", "alias-iadd",
           "add_-clamp_", "clone-then-source-written", "clone-written", "plus-zero-written", "cat-one-written",
-          "contiguous-written", "reshape_as-round-trip-written", "view-written", "view-taken-between-writes", "keyword-alias-written", "slice-assign", "index_put_",
+          "contiguous-written", "contiguous-written-after-the-last-read", "reshape_as-round-trip-written", "view-written", "view-taken-between-writes", "keyword-alias-written", "slice-assign", "index_put_",
           "copy_", "writes-its-input"]
 
 

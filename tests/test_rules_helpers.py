@@ -76,6 +76,25 @@ def test_concat_of_an_unbatched_input_along_dim_1_is_not_channels():
     assert counts(fused, x) == (2, 0) and skipped(report, "not channels"), str(report)
 
 
+class ScaledUnbatched(nn.Module):
+    """conv → times a (1, 1, 1, 1) parameter → sum(0) → conv (fuzz): on an unbatched (C, H, W)
+    input the 4-d constant makes the product 4-d, and sum(0) then sums it away."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.p, self.b = nn.Conv2d(4, 2, 1, bias=False), nn.Parameter(torch.randn(1, 1, 1, 1)), nn.Conv2d(2, 5, 1)
+
+    def forward(self, x):
+        return self.b((self.a(x) * self.p).sum(0))
+
+
+def test_a_4d_constant_on_a_conv_of_unknown_rank_is_not_a_per_channel_scale():
+    model, x = randomize(ScaledUnbatched(), 0).eval(), torch.randn(4, 3, 8)
+    fused, report = reparam.fuse_with_report(model)  # was: folded, then the model fails on x
+    assert_equivalent(model, fused, x)
+    assert skipped(report, "rank is unknown"), str(report)
+
+
 # ---- eval-mode Dropout / Identity ----
 
 @given(cases(with_identities()))

@@ -39,9 +39,14 @@ def common_rank(specs: list, ndim: int | None) -> int | Reason:
         nd = max(ndim - 2, 0)
     else:
         return "rank unknown (pass example_inputs)"
-    # a constant of more dims than the tensor broadcasts it up (shapes unknown: taken batched)
-    most = ndim if ndim is not None else nd + 2
-    if any(isinstance(s, Affine) and s.dims > most for s in specs):
+    # a constant of more dims than the tensor broadcasts it up (shapes unknown: the tensor may
+    # be unbatched, as a Conv2d's input and output may be)
+    most = ndim if ndim is not None else nd + 1
+    dims = max([s.dims for s in specs if isinstance(s, Affine)], default=0)
+    if dims > most:
+        if ndim is None:
+            return (f"a {dims}-d constant would broadcast an unbatched {most}-d tensor to another "
+                    "shape, and the rank is unknown (pass example_inputs)")
         return f"a constant of more dims than the {most}-d tensor it multiplies would broadcast it to another shape"
     return nd
 
