@@ -41,7 +41,7 @@ def test_identity_plus_pool_is_left_alone_rather_than_become_a_conv(case):
 
 @given(cases(scaled_convs()))
 def test_scaled_conv_is_one_conv(case):
-    fuses_to_one_conv(case, guard_may_refuse=False, nothing_else=True)
+    fuses_to_one_conv(case, guard_may_refuse=False, nothing_else=True, single_chain=True)
 
 
 @given(cases(scaled_branches()))
@@ -99,7 +99,7 @@ def test_a_4d_constant_on_a_conv_of_unknown_rank_is_not_a_per_channel_scale():
 
 @given(cases(with_identities()))
 def test_eval_dropout_and_identity_disappear(case):
-    fuses_to_one_conv(case, guard_may_refuse=False, nothing_else=True)
+    fuses_to_one_conv(case, guard_may_refuse=False, nothing_else=True, single_chain=True)
 
 
 # ---- Linear → BatchNorm1d ----
