@@ -39,6 +39,20 @@ from torch import nn
 def _count(m, args, out):
     """A forward hook that only records: how many times the module ran."""
     m.calls = getattr(m, "calls", 0) + 1
+
+
+class ConvBN(nn.Module):
+    """conv then BN, with a method its parent may call instead of forward."""
+
+    def __init__(self, conv, bn):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def features(self, x):
+        return self.bn(self.conv(x)).relu()
 '''
 
 # The op families a program may draw from:
@@ -56,13 +70,16 @@ def _count(m, args, out):
 #   keywords     F.conv2d(input=...), F.batch_norm(input=...), F.linear(input=...),
 #                F.avg_pool2d(input=...), self.m(input=x)
 #   hooks        forward hooks / pre-hooks that change or record outputs
+#   containers   the parent iterates or indexes a child Sequential / ModuleList (`for m in self.s`,
+#                `self.s[0]`, `range(len(self.s))`) or calls a child's method (`self.c.features(v)`),
+#                sometimes under a branch on a size, so that the parent keeps its Python
 #   optional     forward(x, scale=None), the argument left at its default
 #   unbatched    (C, H, W) inputs to 2-D convs (no BN then)
 #   broadcast    constants that broadcast to a higher rank or along a non-channel axis
 #   promotion    a float64 buffer times float32 values
 #   cat_dims     cats along the batch or a spatial dim (and dim 1 of unbatched values)
 FEATURES = ("plain", "inplace", "writes_input", "slices", "crops", "dynamic", "keywords", "hooks", "optional",
-            "unbatched", "broadcast", "promotion", "cat_dims")
+            "containers", "unbatched", "broadcast", "promotion", "cat_dims")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -875,14 +892,47 @@ def op_head(b):
     return False
 
 
+def op_container(b):
+    """conv-BN(-activation) layers in a child container the parent iterates or indexes, or a
+    child whose method the parent calls; sometimes under `if v.size(-1) > 0:` (always true, but
+    symbolic tracing cannot branch on it: the parent keeps its Python and calls fused children)."""
+    a = b.pick(b.maps())
+    if a is None or not b.batched:
+        return False
+    spec = _conv_spec(b, b.C(a))
+    k, s, p, d = (_tup(spec[key]) for key in "kspd")
+    conv = (f"{b.conv}({spec['cin']}, {spec['cout']}, {k}, stride={s}, padding={p}, dilation={d}, "
+            f"groups={spec['g']}, bias={spec['bias']}, dtype=dtype)")
+    bn = f"{b.bn}({spec['cout']}, dtype=dtype)"
+    layers = [conv, bn] + (["nn.ReLU()"] if b.chance(0.5) else [])
+    style = b.choice(["iterate", "index", "len", "modulelist", "method"])
+    init, v = [], b.fresh("v")
+    if style == "method":
+        name = b.module(f"ConvBN({conv}, {bn})", init, hookable=False)
+        body = [f"{v} = self.{name}.{b.choice(['features', 'forward'])}({a})"]
+    else:
+        ctor = f"nn.ModuleList([{', '.join(layers)}])" if style == "modulelist" else f"nn.Sequential({', '.join(layers)})"
+        name = b.module(ctor, init, hookable=False)
+        body = {"iterate": [f"{v} = {a}", f"for m in self.{name}:", f"    {v} = m({v})"],
+                "modulelist": [f"{v} = {a}", f"for m in self.{name}:", f"    {v} = m({v})"],
+                "index": [f"{v} = self.{name}[1](self.{name}[0]({a}))"]
+                + ([f"{v} = self.{name}[-1]({v})"] if len(layers) > 2 else []),
+                "len": [f"{v} = {a}", f"for i in range(len(self.{name})):", f"    {v} = self.{name}[i]({v})"]}[style]
+    if b.chance(0.5):
+        body = [f"{v} = {a}", f"if {a}.size(-1) > 0:"] + [f"    {line}" for line in body]
+    return b.attempt(init, body, [v])
+
+
 OPS = {  # op → the feature it belongs to
     op_conv: "plain", op_bn: "plain", op_linear: "plain", op_pool: "plain",
     op_act: "plain", op_identity: "plain", op_copy: "plain", op_roundtrip: "plain", op_scale: "plain",
     op_fork: "plain", op_binary: "plain", op_head: "plain", op_broadcast: "broadcast",
     op_promote: "promotion", op_crops: "crops", op_slices: "slices", op_dynamic: "dynamic",
+    op_container: "containers",
 }
 # drawn more often: what builds the re-parameterizable structure
-WEIGHT = {op_conv: 3, op_fork: 3, op_bn: 1, op_act: 2, op_head: 1, op_broadcast: 2, op_slices: 2, op_dynamic: 2}
+WEIGHT = {op_conv: 3, op_fork: 3, op_bn: 1, op_act: 2, op_head: 1, op_broadcast: 2, op_slices: 2, op_dynamic: 2,
+          op_container: 3}
 
 
 def _mutate_input(b):

@@ -145,6 +145,15 @@ def test_hooks_and_optional_argument(program):
 
 
 @settings(report_multiple_bugs=False)
+@given(programs({"plain", "containers", "inplace"}))
+def test_children_the_parent_iterates_indexes_or_calls_methods_of(program):
+    """The parent iterates or indexes a child Sequential / ModuleList or calls a child's method,
+    sometimes where it keeps its Python (a branch on a size): the fused children must still
+    be iterable, indexable and have their methods (the fused model runs on both shapes)."""
+    check_program(program)
+
+
+@settings(report_multiple_bugs=False)
 @given(programs({"plain", "unbatched", "broadcast", "promotion", "cat_dims"}))
 def test_unbatched_broadcast_and_promotion(program):
     """Unbatched (C, H, W) inputs, constants broadcasting to a higher rank or along a
