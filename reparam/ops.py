@@ -813,6 +813,10 @@ def make_module(spec: ConvSpec, dtype, device, conv: bool = True) -> nn.Module:
     `ChannelAffine` where `conv` is False (the ops it replaces held no convolution)."""
     if not conv and (diag := algebra.per_channel(spec)) is not None:
         scale, shift = diag
+        if not any(spec.padding) and all(t is None or bool((t == t.flatten()[0]).all()) for t in diag):
+            # one value for every channel (scalar multiplies and identities): a scalar affine,
+            # which holds for any channel count (the count may have been read off another axis)
+            scale, shift = (None if t is None else t.flatten()[0] for t in diag)
         cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)
         return ChannelAffine(cast(scale), cast(shift), spec.nd, spec.padding)
     if spec.nd == 0:

@@ -1,6 +1,8 @@
 """The helper rules: AvgPool as a depthwise conv, multiplication by constants, channel concat,
 eval-mode Dropout/Identity removal, Linear → BatchNorm1d."""
+import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from torch import nn
 
@@ -93,6 +95,28 @@ def test_a_4d_constant_on_a_conv_of_unknown_rank_is_not_a_per_channel_scale():
     fused, report = reparam.fuse_with_report(model)  # was: folded, then the model fails on x
     assert_equivalent(model, fused, x)
     assert skipped(report, "rank is unknown"), str(report)
+
+
+class UniformAffine(nn.Module):
+    """A sum of scalar multiples of one unbatched (C, H, W) value (fuzz): merged without a conv
+    it is one affine, whose values are the same for every channel."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style, self.conv = style, nn.Conv2d(2, 2, 3, padding=1)
+        self.register_buffer("d", torch.full((1, 1, 1), 0.5))
+
+    def forward(self, x):
+        v = F.relu(x + F.avg_pool2d(x, 3, 1, 1))
+        v = torch.mul(v, 1.5) - v if self.style == "scalars" else v + v * self.d
+        return self.conv(v)
+
+
+@pytest.mark.parametrize("style", ["scalars", "ones-shaped-buffer"])
+def test_a_uniform_affine_of_an_unbatched_value_holds_for_other_sizes(style):
+    model, x = randomize(UniformAffine(style), 0).eval(), torch.randn(2, 8, 6)
+    fused = reparam.fuse(model, (x,))  # was: an affine of 8 "channels" (the height), then a crash
+    assert_equivalent(model, fused, torch.randn(2, 10, 7))
 
 
 # ---- eval-mode Dropout / Identity ----
