@@ -96,6 +96,9 @@ def written(node: fx.Node, modules: dict) -> fx.Node | None:
     if not isinstance(first, fx.Node) or is_size(first):
         return None
     name = op_name(node)
+    if node.op in ("call_function", "call_method") and isinstance(node.kwargs.get("out"), (fx.Node, tuple, list)):
+        # `torch.mul(a, c, out=a)`: the out tensor is written, and may be resized or cast to its dtype
+        raise Refused(f"'{node.name}' writes its out= argument in place")
     if node.op == "call_function":
         t = node.target
         if t in INPLACE_OPERATORS or t is operator.setitem or name == "__setitem__":

@@ -98,6 +98,13 @@ class Idiom(nn.Module):
             y = self.ident(input=x)
             y.mul_(2)
             return self.a(x) + self.b(x)
+        if how == "out=-written-view-read-later":  # torch.mul(..., out=y) writes y and its views
+            y = self.relu(self.a(x) + self.b(x))
+            t = y.view(y.size(0), -1)
+            t.mul_(3.0)
+            v = t.view_as(y)
+            torch.mul(y, -0.3, out=y)
+            return v + 1
         if how == "slice-assign":
             y = self.a(x)
             y[:, :1] = self.b(x)[:, :1]
@@ -119,7 +126,7 @@ class Idiom(nn.Module):
 
 IDIOMS = ["conv-then-input-relu_", "relu-module-inplace", "F.relu-inplace", "hardswish-inplace", "alias-iadd",
           "add_-clamp_", "clone-then-source-written", "clone-written", "plus-zero-written", "cat-one-written",
-          "contiguous-written", "contiguous-written-after-the-last-read", "reshape_as-round-trip-written", "view-written", "view-taken-between-writes", "keyword-alias-written", "slice-assign", "index_put_",
+          "contiguous-written", "contiguous-written-after-the-last-read", "reshape_as-round-trip-written", "view-written", "view-taken-between-writes", "keyword-alias-written", "out=-written-view-read-later", "slice-assign", "index_put_",
           "copy_", "writes-its-input"]
 
 
