@@ -92,7 +92,9 @@ def _none_defaults(model: nn.Module, given: int) -> dict:
             if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def symbolic(model: nn.Module, given: int = 1) -> fx.GraphModule:
+def symbolic(model: nn.Module, given: int = 1, recompile: bool = True) -> fx.GraphModule:
+    """`model` traced by fx and made mutation-free; `recompile=False` leaves the code stale
+    for a caller that only reads the graph (the engine recompiles when it is done)."""
     tracer = ConcreteParamTracer()
     tensors = [*model.parameters(), *model.buffers()]
     versions = [t._version for t in tensors]
@@ -102,7 +104,7 @@ def symbolic(model: nn.Module, given: int = 1) -> fx.GraphModule:
         if t._version != v:  # a write into a concrete parameter ran once, at trace time
             raise mutation.Refused("forward writes one of the model's parameters or buffers in place")
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    if mutation.functionalize(gm):
+    if mutation.functionalize(gm) and recompile:
         gm.recompile()
     return gm
 
@@ -236,7 +238,7 @@ def trace(model: nn.Module, example_inputs=None) -> tuple[fx.GraphModule | None,
     errors = []
     try:
         given = len(example_inputs) if example_inputs is not None else 1
-        return symbolic(model, given).eval(), []
+        return symbolic(model, given, recompile=False).eval(), []
     except Exception as e:  # any tracer failure means: try the next front end
         errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
     if example_inputs is not None:
