@@ -21,7 +21,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import engine, trace, usage
-from .ops import common_scope, module_path, where
+from .ops import CONST_PREFIX, common_scope, module_path, where
 from .report import Report, Skip, Untraced
 from .stats import count, run_counted
 from .testing import rel_error
@@ -452,7 +452,7 @@ def _postcondition(original: nn.Module, fused: nn.Module, inputs):
                                         "which it does not hold — please report") from None
 
 
-_CONSTANT = re.compile(r"_tensor_constant\d+|_reparam_const_\d+")
+_CONSTANT = re.compile(rf"_tensor_constant\d+|{CONST_PREFIX}\d+")
 
 
 def _attr(m: nn.Module, target: str):

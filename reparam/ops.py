@@ -39,6 +39,7 @@ AVGPOOL_FNS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
 DROPOUT_FNS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                F.feature_alpha_dropout, aten.dropout.default}
 IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+CONST_PREFIX = "_reparam_const_"  # the buffers holding constants that rewrites make
 IDENTITY_FNS = {torch.clone, aten.clone.default, aten.alias.default, torch.detach}
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                     nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -499,9 +500,10 @@ class Graph:
                 made.update((r, node) for r in term.replaces)
                 term = node
             elif isinstance(term, Constant):
-                value, meta = term.value, out.meta.get("val", out.meta.get("tensor_meta"))
-                if value.is_floating_point() and getattr(meta, "dtype", torch.int64).is_floating_point:
-                    value = value.to(meta.dtype)  # computed in float64: the dtype it stands for
+                value = term.value
+                dtype = getattr(out.meta.get("val", out.meta.get("tensor_meta")), "dtype", None)
+                if value.is_floating_point() and dtype is not None and dtype.is_floating_point:
+                    value = value.to(dtype)  # computed in float64: the dtype it stands for
                 with graph.inserting_before(out):
                     term = self._add_const(value)
             vals.append((term, coef))
@@ -600,10 +602,10 @@ class Graph:
             return hasattr(self.gm, name)
 
     def _add_const(self, value: torch.Tensor) -> fx.Node:
-        name = f"_reparam_const_{self.const_count}"
+        name = f"{CONST_PREFIX}{self.const_count}"
         while hasattr(self.gm, name):
             self.const_count += 1
-            name = f"_reparam_const_{self.const_count}"
+            name = f"{CONST_PREFIX}{self.const_count}"
         self.gm.register_buffer(name, value.detach().clone())
         return self.gm.graph.get_attr(name)
 
@@ -615,7 +617,7 @@ class Graph:
                 graph.erase_node(n)
         used = {n.target for n in graph.nodes if n.op == "get_attr"}
         for name, _ in list(self.gm.named_buffers(recurse=False)):
-            if name.startswith("_reparam_const_") and name not in used:
+            if name.startswith(CONST_PREFIX) and name not in used:
                 delattr(self.gm, name)
         for name in {n.target for n in graph.nodes if n.op == "call_module"} & self._pending.keys():
             self.gm.add_submodule(name, self._pending[name].module())
