@@ -355,16 +355,21 @@ def _conv_spec(b, C, cout=None, k=None, stride=None, padding=None, groups=None):
     return dict(cin=C, cout=cout, k=k, s=s, p=padding, d=d, g=g, bias=b.draw(st.booleans()))
 
 
+def _conv_ctor(b, spec) -> str:
+    """The source of an nn.Conv module holding `spec`."""
+    k, s, p, d = (_tup(spec[key]) for key in "kspd")
+    return (f"{b.conv}({spec['cin']}, {spec['cout']}, {k}, stride={s}, padding={p}, dilation={d}, "
+            f"groups={spec['g']}, bias={spec['bias']}, dtype=dtype)")
+
+
 def _conv_expr(b, spec, a, init, style=None):
     """An expression convolving `a` as `spec` says: an nn.Conv module (positional or keyword
     call) or F.conv with parameters (positional or keyword arguments)."""
     styles = ["module", "module", "functional"] + (["functional_kw"] if b.has("keywords") else [])
     style = style or b.choice(styles)
-    k, s, p, d = _tup(spec["k"]), _tup(spec["s"]), _tup(spec["p"]), _tup(spec["d"])
+    s, p, d = _tup(spec["s"]), _tup(spec["p"]), _tup(spec["d"])
     if style == "module":
-        ctor = (f"{b.conv}({spec['cin']}, {spec['cout']}, {k}, stride={s}, padding={p}, dilation={d}, "
-                f"groups={spec['g']}, bias={spec['bias']}, dtype=dtype)")
-        return b.call(b.module(ctor, init), a)
+        return b.call(b.module(_conv_ctor(b, spec), init), a)
     n = next(b.ids)
     init.append(f"self.w_{n} = nn.Parameter(torch.empty({spec['cout']}, {spec['cin'] // spec['g']}, "
                 f"{', '.join(map(str, spec['k']))}, dtype=dtype))")
@@ -435,10 +440,7 @@ def op_conv(b):
     if b.batched and b.chance(0.6):
         if b.chance(0.3):  # an nn.Sequential(conv, BN), as many repos write conv_bn
             init.clear()
-            k, s, p, d = (_tup(spec[key]) for key in "kspd")
-            name = b.module(f"nn.Sequential({b.conv}({spec['cin']}, {spec['cout']}, {k}, stride={s}, padding={p}, "
-                            f"dilation={d}, groups={spec['g']}, bias={spec['bias']}, dtype=dtype), "
-                            f"{b.bn}({spec['cout']}, dtype=dtype))", init)
+            name = b.module(f"nn.Sequential({_conv_ctor(b, spec)}, {b.bn}({spec['cout']}, dtype=dtype))", init)
             expr = b.call(name, a)
         else:
             expr = _bn_expr(b, spec["cout"], expr, init)
@@ -900,9 +902,7 @@ def op_container(b):
     if a is None or not b.batched:
         return False
     spec = _conv_spec(b, b.C(a))
-    k, s, p, d = (_tup(spec[key]) for key in "kspd")
-    conv = (f"{b.conv}({spec['cin']}, {spec['cout']}, {k}, stride={s}, padding={p}, dilation={d}, "
-            f"groups={spec['g']}, bias={spec['bias']}, dtype=dtype)")
+    conv = _conv_ctor(b, spec)
     bn = f"{b.bn}({spec['cout']}, dtype=dtype)"
     layers = [conv, bn] + (["nn.ReLU()"] if b.chance(0.5) else [])
     style = b.choice(["iterate", "index", "len", "modulelist", "method"])
@@ -913,8 +913,8 @@ def op_container(b):
     else:
         ctor = f"nn.ModuleList([{', '.join(layers)}])" if style == "modulelist" else f"nn.Sequential({', '.join(layers)})"
         name = b.module(ctor, init, hookable=False)
-        body = {"iterate": [f"{v} = {a}", f"for m in self.{name}:", f"    {v} = m({v})"],
-                "modulelist": [f"{v} = {a}", f"for m in self.{name}:", f"    {v} = m({v})"],
+        loop = [f"{v} = {a}", f"for m in self.{name}:", f"    {v} = m({v})"]
+        body = {"iterate": loop, "modulelist": loop,
                 "index": [f"{v} = self.{name}[1](self.{name}[0]({a}))"]
                 + ([f"{v} = self.{name}[-1]({v})"] if len(layers) > 2 else []),
                 "len": [f"{v} = {a}", f"for i in range(len(self.{name})):", f"    {v} = self.{name}[i]({v})"]}[style]
