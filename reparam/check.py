@@ -51,9 +51,11 @@ def verify(g: Graph, rw: Rewrite, tolerance: float = TOLERANCE) -> Verdict:
     region = set(rw.erase) | {rw.output} | {r for n in news for r in n.replaces}
     region |= _downstream(rw.output, {n.replaces[0] for n in rw.substitute})
     last = None
-    for shapes in ("specs", "recorded"):
+    # a Linear's input may have any rank (its features last): the ranks a probe tries
+    ranks = (2, 4, 3) if any(n.spec.nd == 0 for n in news) else (2,)
+    for shapes, rank in [("specs", r) for r in ranks] + [("recorded", 2)]:
         try:
-            probe = _Probes(g, rw, news, region, shapes)
+            probe = _Probes(g, rw, news, region, shapes, rank)
             try:
                 probe.made()  # the output's shape, for the probes of kept terms
             except Exception:  # judged below, after the old ops ran
@@ -96,8 +98,8 @@ def _downstream(output: fx.Node, starts: set) -> set:
 class _Probes:
     """Float64 evaluation of the old region and of the rewrite, on shared probes."""
 
-    def __init__(self, g: Graph, rw: Rewrite, news: list[NewConv], region: set, shapes: str):
-        self.g, self.rw, self.news, self.region, self.shapes = g, rw, news, region, shapes
+    def __init__(self, g: Graph, rw: Rewrite, news: list[NewConv], region: set, shapes: str, rank: int = 2):
+        self.g, self.rw, self.news, self.region, self.shapes, self.rank = g, rw, news, region, shapes, rank
         self.gen = torch.Generator().manual_seed(0)
         self.values: dict[fx.Node, object] = {}
         self.hints = {n.input: n.spec for n in news}
@@ -141,6 +143,9 @@ class _Probes:
                 raise _Unknown(f"no shape for '{n.name}'")
             return self.g.size_hint(n)
         spec = self.hints.get(n)
+        if spec is not None and spec.nd == 0:  # a Linear: features last, at the rank recorded or tried
+            rank = len(recorded) if recorded is not None else self.rank
+            return (self.batch, *self.size[:rank - 2], spec.in_channels)
         if spec is not None:
             return (self.batch, spec.in_channels, *self.size[:spec.nd])
         if recorded is not None and len(recorded) >= 2 and isinstance(recorded[1], int):

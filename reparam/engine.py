@@ -134,6 +134,8 @@ def run(gm: fx.GraphModule, rules=None, max_passes: int = 100, max_macs_ratio: f
                 break
         else:
             raise InternalError(f"no fixpoint after {max_passes} passes; a rule keeps firing")
+        if out.applied:
+            g.relax_views()
         g.cleanup()
     return out
 

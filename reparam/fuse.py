@@ -202,27 +202,36 @@ def _fuse_checked(work: nn.Module, inputs, want, ratio: float):
     fused, report = _fuse_report(work, inputs, ratio, budget)
     notes = []
     for attempt in range(9):  # at most 8 rewrites undone
-        report.after, got = _run(fused, inputs)
-        report.max_rel_error, error = _differ(want[0], got[0]), _differ(want, got)
         report.notes = notes + report.notes
-        if error <= tolerance:
-            return fused, report
-        if attempt == 0 and _differ(want, _run(work, inputs)[1]) > tolerance:
+        try:
+            report.after, got = _run(fused, inputs)
+        except Exception as e:  # a wrong rewrite: infinitely wrong
+            failure, error = f"fails on the example inputs ({type(e).__name__}: {_first_line(e)})", math.inf
+        else:
+            report.max_rel_error, error = _differ(want[0], got[0]), _differ(want, got)
+            failure = f"differs from the model on the example inputs (rel err {error:.2g})"
+            if error <= tolerance:
+                return fused, report
+        if attempt == 0 and math.isfinite(error) and _differ(want, _run(work, inputs)[1]) > tolerance:
             report.notes.append("the model's outputs change from call to call: fused without the whole-model check")
             return fused, report
         culprit = _bisect(work, inputs, ratio, budget, want, tolerance) if attempt < 8 else None
         if culprit is None:
             break
         budget.blocked.add(culprit.key)
-        notes = report.notes + [f"undone: {culprit.rule} at {culprit.path}: with it the fused model differed "
-                                "from the model on the example inputs — please report"]
+        notes = report.notes + [f"undone: {culprit.rule} at {culprit.path}: with it the fused model {failure} "
+                                "— please report"]
         fused, report = _fuse_report(work, inputs, ratio, engine.Budget(blocked=set(budget.blocked)))
-    report.notes.append(f"the fused model differs from the model on the example inputs (rel err "
-                        f"{error:.2g}) and no rewrite explains it: returned the model unfused "
+    report.notes.append(f"the fused model {failure} and no rewrite explains it: returned the model unfused "
                         "— please report")
     report.rewrites, report.max_rel_error = [], 0.0
     report.after = count(work, fresh(inputs))
     return work, report
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _differ(expected, got) -> float:
@@ -245,7 +254,10 @@ def _bisect(work, inputs, ratio, budget, want, tolerance):
     def wrong(limit):  # fused with the first `limit` rewrites (in the order they are applied)
         run = engine.Budget(limit, set(budget.blocked))
         fused, _ = _fuse_report(work, inputs, ratio, run)
-        return _differ(want, _run(fused, inputs)[1]) > tolerance, run.log
+        try:
+            return _differ(want, _run(fused, inputs)[1]) > tolerance, run.log
+        except Exception:  # fails where the model runs: wrong
+            return True, run.log
 
     bad, log = wrong(None)
     if not bad or not log or wrong(0)[0]:

@@ -39,6 +39,7 @@ AVGPOOL_FNS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
 DROPOUT_FNS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                F.feature_alpha_dropout, aten.dropout.default}
 IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+_RESHAPE_OF = {"view": "reshape", "view_as": "reshape_as"}
 CONST_PREFIX = "_reparam_const_"  # the buffers holding constants that rewrites make
 IDENTITY_FNS = {torch.clone, aten.clone.default, aten.alias.default, torch.detach}
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -608,6 +609,17 @@ class Graph:
             name = f"{CONST_PREFIX}{self.const_count}"
         self.gm.register_buffer(name, value.detach().clone())
         return self.gm.graph.get_attr(name)
+
+    def relax_views(self):
+        """`view` as `reshape`: a merged op's output may have another memory format than the ops
+        it replaced (a conv of a channels-last input is channels-last), where `view` raises. In a
+        graph that writes nothing in place (functionalized), reshape computes the same: a view
+        wherever `view` gives one, a copy elsewhere."""
+        for n in self.gm.graph.nodes:
+            if n.op == "call_method" and n.target in _RESHAPE_OF and not any(isinstance(a, torch.dtype) for a in n.args):
+                n.target = _RESHAPE_OF[n.target]
+            elif n.op == "call_function" and n.target is torch.ops.aten.view.default:
+                n.target = torch.ops.aten.reshape.default
 
     def cleanup(self):
         """Make the modules of the ops made while fusing; drop what nothing uses any more."""

@@ -654,6 +654,30 @@ def test_channels_last_weights_stay_channels_last(with_inputs):
     assert not bad, f"weights no longer channels_last: {bad}"
 
 
+class ViewAfterMergedSum(nn.Module):
+    """A channels-last-strided value (a Linear between movedims) feeds conv+BN branches, one
+    through `.contiguous()`; the sum is contiguous and `.view` flattens it. The merged conv reads
+    the channels-last value and is channels-last: `view` must still work on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.a, self.b = conv_bn(3, 4, 3, 1, 1), conv_bn(3, 4, 1, 1, 0)
+
+    def forward(self, x):
+        x = self.fc(x.movedim(1, -1)).movedim(-1, 1)
+        y = self.b(x.contiguous()) + self.a(x)
+        return y.view(y.shape[0], -1)
+
+
+@WITH_INPUTS
+def test_view_of_a_merged_value_of_another_memory_format(with_inputs):
+    model, x = seeded(ViewAfterMergedSum()), x_(2, 3, 5, 7)
+    fused, report = fuse(model, x, with_inputs)
+    assert_same(model, fused, x, report)
+    assert reparam.count(fused, (x,)).convs == 2, str(report)  # the Linear and one conv
+
+
 def _qat_model():
     qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
     conv = torch.ao.nn.qat.Conv2d(3, 8, 3, padding=1, bias=False, qconfig=qconfig)

@@ -207,3 +207,39 @@ def test_reshape_round_trip_mutated_in_place_is_kept(with_inputs):
     fused, report = reparam.fuse_with_report(model, (x,) if with_inputs else None)
     assert_equivalent(model, fused, x)
     assert not any(r.rule == "undo_reshape" for r in report.rewrites), str(report)
+
+
+class ScaledSum(nn.Module):
+    """A 5-d constant times a sum of conv+BN branches on different inputs: the product is 5-d,
+    so the constant is no per-channel scale of the 4-d sum (fold_into_sum must not fold it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv(3, 4, 3, padding=1), conv(3, 4, 1)
+        self.bn_a, self.bn_b = BN2(4), BN2(4)
+        self.gamma = nn.Parameter(torch.rand(1, 1, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return self.gamma * (self.bn_a(self.a(x)) + self.bn_b(self.b(x.flip(2))))
+
+
+class ScaledChannelsLastLinear(nn.Module):
+    """permute → Linear → permute back, times a 5-d layer scale: 5-d out, not a fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.gamma = nn.Parameter(torch.rand(1, 1, 4, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return self.gamma * self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("with_inputs", [True, False], ids=["inputs", "no-inputs"])
+@pytest.mark.parametrize("make, rule", [(ScaledSum, "fold_into_sum"), (ScaledChannelsLastLinear, "fold_through_permute")])
+def test_constant_of_higher_rank_is_not_folded(make, rule, with_inputs):
+    model, x = randomize(make(), seed=0).eval(), torch.randn(2, 3, 5, 7)
+    fused, report = reparam.fuse_with_report(model, (x,) if with_inputs else None)
+    assert_equivalent(model, fused, x)
+    assert not report.faults, str(report)
+    assert not any(r.rule == rule for r in report.rewrites), str(report)

@@ -71,6 +71,30 @@ def test_a_wrong_rule_past_the_self_check_never_reaches_the_result_given_inputs(
     assert reparam.testing.model_rel_error(model, without, x) > 1e-3
 
 
+def raising_result_rule(node, g):
+    """merge_sequential whose conv gets one input channel too many: the model it makes raises."""
+    rw = merge_sequential(node, g)
+    if isinstance(rw, ops.Rewrite):
+        new = rw.terms[0][0]
+        w = new.spec.weight
+        bad = replace(new.spec, weight=torch.cat([w, w[:, :1]], 1))
+        return replace(rw, rule="raising_result_rule", terms=[(replace(new, spec=bad), 1.0)])
+    return rw
+
+
+def test_a_fused_model_that_raises_on_the_inputs_is_never_returned(with_rule, monkeypatch):
+    """The self-check switched off: a rewrite after which the fused model raises is found by
+    bisection and undone; the error never reaches the caller."""
+    with_rule(raising_result_rule)
+    monkeypatch.setattr(check, "verify", lambda g, rw, tolerance=0: check.Verdict(0.0))
+    model, x = randomize(conv_bn_relu(), 0).eval(), torch.randn(2, 3, 9, 11)
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert_equivalent(model, fused, x)
+    assert not [r for r in report.rewrites if r.rule == "raising_result_rule"]
+    undone = [n for n in report.notes if n.startswith("undone: raising_result_rule")]
+    assert undone and "fails on the example inputs (RuntimeError" in undone[0], report.notes
+
+
 def test_a_rule_that_raises_is_one_refusal_and_the_rest_fuses(with_rule):
     with_rule(raising_rule)
     model, x = randomize(conv_bn_relu(), 0).eval(), torch.randn(2, 3, 9, 11)
@@ -188,6 +212,29 @@ def test_the_self_check_measures_a_rewrite_on_probes():
     bn = next(n for n in g.gm.graph.nodes if n.target == "1")
     assert check.verify(g, merge_sequential(bn, g)).error <= 1e-14
     assert check.verify(g, broken_rule(bn, g)).error == pytest.approx(1e-2, rel=0.1)
+
+
+class ChannelsLastLinear(nn.Module):
+    """permute → Linear → permute back → BatchNorm2d (a ConvNeXt-style block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(3, 4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_the_self_check_probes_a_linear_at_the_rank_its_region_needs():
+    """Without shapes, a Linear's probe is not only 2-D: the permutes need 4-D input."""
+    from reparam.rules.views import fold_through_permute
+    g = ops.Graph(reparam.trace.symbolic(randomize(ChannelsLastLinear(), 0).eval()))
+    bn = next(n for n in g.gm.graph.nodes if n.target == "bn")
+    rw = fold_through_permute(bn, g)
+    assert check.verify(g, rw).error <= 1e-14
+    new = rw.substitute[0]
+    bad = replace(rw, substitute=[replace(new, spec=replace(new.spec, weight=new.spec.weight * 1.01))])
+    assert check.verify(g, bad).error == pytest.approx(1e-2, rel=0.2)
 
 
 def test_a_nan_the_model_does_not_compute_is_a_difference():

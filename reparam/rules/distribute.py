@@ -53,7 +53,7 @@ def fold_into_sum(node: fx.Node, g: Graph):
     for i, (leaf, sign) in enumerate(leaves):
         spec, x = g.linear_of(leaf)
         shift = affine.shift * sign if i == 0 and affine.shift is not None else None
-        post = Affine(affine.scale, shift, affine.nd)
+        post = Affine(affine.scale, shift, affine.nd, affine.dims)
         got = then(spec, post, g.ndim(leaf))
         if isinstance(got, str):
             return Refusal(NAME, node, got)

@@ -51,9 +51,12 @@ def _linear_layer(g: Graph, y: fx.Node):
     return first if isinstance(first, tuple) and g.holds_conv(y) and first[0].nd == 0 else None
 
 
-def _fold(g: Graph, rule: str, node: fx.Node, affine: Affine, view: fx.Node, y: fx.Node):
+def _fold(g: Graph, rule: str, node: fx.Node, affine: Affine, view: fx.Node, y: fx.Node, rank: int):
     """affine(view(linear(x))) as view(linear'(x)): the view keeps the Linear's features as the
-    axis the affine map scales."""
+    axis the affine map scales; `rank` is the view's."""
+    if affine.dims > rank:
+        return Refusal(rule, node, f"a constant of more dims than the {rank}-d tensor it multiplies "
+                                   "would broadcast it to another shape")
     for n, user in ((view, node), (y, view)):
         if not g.single_use(n, user, same_shape=True) or g.shared(n):
             others = ", ".join(where(u) for u in g.readers(n) if u is not user)
@@ -83,7 +86,7 @@ def fold_through_flatten(node: fx.Node, g: Graph):
         return Refusal(NAME, node, "rank unknown (pass example_inputs)")
     if nf != 2 or end % ny == ny - 1:
         return Refusal(NAME, node, f"the flatten does not give (rows, {y.name}'s last dim)")
-    return _fold(g, NAME, node, affine, f, y)
+    return _fold(g, NAME, node, affine, f, y, nf)
 
 
 def fold_through_permute(node: fx.Node, g: Graph):
@@ -101,7 +104,7 @@ def fold_through_permute(node: fx.Node, g: Graph):
     if dims != (0, rank - 1, *range(1, rank - 1)) or (affine.scale.dim() and affine.nd not in (None, rank - 2)):
         return Refusal("fold_through_permute", node, f"the permute {dims} does not move {y.name}'s features "
                                                      "to the channels this op scales")
-    return _fold(g, "fold_through_permute", node, affine, p, y)
+    return _fold(g, "fold_through_permute", node, affine, p, y, rank)
 
 
 def undo_reshape(node: fx.Node, g: Graph):
