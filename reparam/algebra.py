@@ -328,17 +328,15 @@ def _align(specs: list[ConvSpec]) -> tuple[list[tuple[slice, ...]], tuple, tuple
     return [tuple(s) for s in slices], tuple(size), tuple(pad), tuple(dil)
 
 
-def _placed(specs: list[ConvSpec], grouped_ok: bool) -> tuple[list[Tensor], tuple, tuple] | Reason:
-    """Each spec's weight placed in the common kernel, plus (padding, dilation). The weights
-    stay grouped where `grouped_ok` and all share one groups count, else they are made dense."""
+def _placed(specs: list[ConvSpec]) -> tuple[list[Tensor], tuple, tuple] | Reason:
+    """Each spec's dense weight placed in the common kernel, plus (padding, dilation)."""
     aligned = _align(specs)
     if isinstance(aligned, str):
         return aligned
     slices, size, pad, dil = aligned
-    keep = grouped_ok and len({s.groups for s in specs}) == 1
     out = []
     for s, sl in zip(specs, slices):
-        w = s.weight if keep else dense(s)
+        w = dense(s)
         big = w.new_zeros(*w.shape[:2], *size)
         big[(slice(None), slice(None), *sl)] = w
         out.append(big)
@@ -352,14 +350,19 @@ def add(specs: list[ConvSpec]) -> ConvSpec | Reason:
     if len({s.in_channels for s in specs}) > 1 or len({s.out_channels for s in specs}) > 1:
         return f"branch channels differ {sorted({(s.in_channels, s.out_channels) for s in specs})}"
     specs = _one_device(*specs)
-    placed = _placed(specs, grouped_ok=True)
-    if isinstance(placed, str):
-        return placed
-    weights, pad, dil = placed
+    aligned = _align(specs)
+    if isinstance(aligned, str):
+        return aligned
+    slices, size, pad, dil = aligned
+    keep = len({s.groups for s in specs}) == 1  # else dense, regrouped after
+    weights = [s.weight if keep else dense(s) for s in specs]
+    total = weights[0].new_zeros(*weights[0].shape[:2], *size)  # each weight added in its place
+    for w, sl in zip(weights, slices):
+        total[(slice(None), slice(None), *sl)] += w
     bias = reduce(_add_bias, [s.bias for s in specs])
-    if len({s.groups for s in specs}) == 1:
-        return ConvSpec(sum(weights), bias, specs[0].stride, pad, dil, specs[0].groups)
-    return _make(sum(weights), bias, specs[0].stride, pad, dil, reduce(math.gcd, [s.groups for s in specs]))
+    if keep:
+        return ConvSpec(total, bias, specs[0].stride, pad, dil, specs[0].groups)
+    return _make(total, bias, specs[0].stride, pad, dil, reduce(math.gcd, [s.groups for s in specs]))
 
 
 def concat(specs: list[ConvSpec]) -> ConvSpec | Reason:
@@ -368,7 +371,7 @@ def concat(specs: list[ConvSpec]) -> ConvSpec | Reason:
         return "branches read different channel counts"
     specs = _one_device(*specs)
     # group j of each branch reads the same inputs, but the outputs land apart: dense
-    placed = _placed(specs, grouped_ok=False)
+    placed = _placed(specs)
     if isinstance(placed, str):
         return placed
     weights, pad, dil = placed

@@ -80,6 +80,8 @@ def verify(g: Graph, rw: Rewrite, tolerance: float = TOLERANCE) -> Verdict:
 def _downstream(output: fx.Node, starts: set) -> set:
     """Nodes on a path from any of `starts` to `output` (what a substitution changes)."""
     out, seen = set(), {}
+    if not starts:
+        return out
 
     def reaches(n: fx.Node) -> bool:
         if n in seen:

@@ -24,6 +24,7 @@ class Budget:
     # fingerprints of rewrites the self-check passed: the same rewrite of the same ops (a module
     # fused again on its own, after a graph of its parent) is not evaluated twice
     verified: dict = field(default_factory=dict)
+    dropped: dict = field(default_factory=dict)  # verdicts by `_dropped_module` key
 
     def allows(self, key) -> bool:
         return key not in self.blocked and (self.limit is None or len(self.log) < self.limit)
@@ -71,6 +72,24 @@ def _verified(budget: Budget, fp) -> bool:
     return any(all(torch.equal(a, b) for a, b in zip(tensors, seen)) for seen in budget.verified.get(cheap, ()))
 
 
+_SETTINGS = (int, float, bool, str, tuple, type(None))
+
+
+def _dropped_module(rw: Rewrite, g: Graph) -> tuple | None:
+    """For a rewrite that replaces a torch layer without tensors (nn.Identity, eval Dropout) by
+    its input: a key of what its verdict depends on (the class, its settings, the input's
+    shape), so that 160 such layers are evaluated once; else None."""
+    n, m = rw.output, g.module(rw.output)
+    if m is None or rw.substitute or rw.erase != [n] or rw.terms != [(n.args[0] if n.args else None, 1.0)] \
+            or n.kwargs or len(n.args) != 1 or not type(m).__module__.startswith("torch.nn.") \
+            or m._parameters or m._buffers or m._modules or m._forward_hooks or m._forward_pre_hooks:
+        return None
+    settings = [(k, v) for k, v in vars(m).items() if not k.startswith("_")]
+    if not all(isinstance(v, _SETTINGS) for _, v in settings):
+        return None
+    return (rw.rule, type(m), tuple(sorted(settings)), g.shape(n.args[0]), rw.tolerance)
+
+
 def _vet(rw: Rewrite, g: Graph, budget: Budget, out: Outcome, prefix: str) -> Refusal | None:
     """Why `rw` must not be applied, or None."""
     if key(rw, prefix) in budget.blocked:
@@ -81,7 +100,10 @@ def _vet(rw: Rewrite, g: Graph, budget: Budget, out: Outcome, prefix: str) -> Re
     seen = None if g.on_meta else fingerprint(rw, prefix)
     if seen is not None and _verified(budget, seen):
         return None
-    verdict = check.verify(g, rw, rw.tolerance or check.TOLERANCE)
+    drop = _dropped_module(rw, g)
+    verdict = budget.dropped.get(drop) or check.verify(g, rw, rw.tolerance or check.TOLERANCE)
+    if drop is not None and verdict.error is not None:
+        budget.dropped[drop] = verdict
     if verdict.error is None:
         out.unchecked.append(f"{rw.rule} at {where(rw.output)}: {verdict.message}")
     elif verdict.error > (rw.tolerance or check.TOLERANCE):

@@ -95,6 +95,26 @@ def test_a_fused_model_that_raises_on_the_inputs_is_never_returned(with_rule, mo
     assert undone and "fails on the example inputs (RuntimeError" in undone[0], report.notes
 
 
+def drop_hardtanh(node, g):
+    """A test-only rule: every Hardtanh is its input (true only where its range is wide)."""
+    if isinstance(g.module(node), nn.Hardtanh):
+        return ops.Rewrite("drop_hardtanh", node, [(node.args[0], 1.0)], [node])
+    return None
+
+
+def test_layers_without_tensors_share_a_verdict_only_with_the_same_settings(with_rule):
+    """Verdicts on dropping a weightless layer are reused per class and settings: a clamp to
+    ±1e9 passes as the identity, the same class clamping to ±0.1 does not."""
+    with_rule(drop_hardtanh)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardtanh(-1e9, 1e9), nn.Conv2d(4, 4, 1),
+                                    nn.Hardtanh(-0.1, 0.1), nn.Conv2d(4, 4, 1), nn.Hardtanh(-1e9, 1e9)), 0).eval()
+    x = torch.randn(2, 3, 9, 11)
+    fused, report = reparam.fuse_with_report(model)
+    assert_equivalent(model, fused, x)
+    assert len([r for r in report.rewrites if r.rule == "drop_hardtanh"]) == 2, str(report)
+    assert [s.path for s in report.faults if s.rule == "drop_hardtanh"] == ["3"], str(report)
+
+
 def test_a_rule_that_raises_is_one_refusal_and_the_rest_fuses(with_rule):
     with_rule(raising_rule)
     model, x = randomize(conv_bn_relu(), 0).eval(), torch.randn(2, 3, 9, 11)
