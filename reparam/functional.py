@@ -25,6 +25,7 @@ def inplace(method: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def scatter(base: torch.Tensor, value: torch.Tensor, method: str, *args, **kwargs) -> torch.Tensor:
     """A copy of `base` whose view `base.<method>(*args, **kwargs)` holds `value`: what a write
     into that view does to `base` itself."""
-    out = base.clone()
+    # contiguous: a rewrite may have given `base` another layout, where `view` would raise
+    out = base.clone(memory_format=torch.contiguous_format) if method in ("view", "view_as") else base.clone()
     getattr(out, method)(*args, **kwargs).copy_(value)
     return out

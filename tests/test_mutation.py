@@ -247,3 +247,30 @@ def test_an_in_place_module_with_hooks_is_not_assumed_to_write_its_argument():
     with torch.no_grad():
         assert reparam.testing.rel_error(model(x.clone()), fused(x.clone())) <= 1e-5, str(report)
     assert any("with hooks" in u.message for u in report.untraced)
+
+
+class WriteThroughViewOfCopy(nn.Module):
+    """The fuzzer's program (seed 45): a write through `view` of a copy (`cat([v])`) of a
+    non-contiguous value. Dropping the copy leaves the write's base non-contiguous, where
+    replaying the `view` to write it back must still work."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(3, 2, bias=False), nn.Linear(2, 2)
+
+    def forward(self, x):
+        v = self.fc(x.movedim(-2, -1)).movedim(-1, -2)
+        t = torch.cat([v]).view(v.size(0), -1)
+        t.mul_(3.0)
+        return self.head(v.mean(-1)), t
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_a_write_through_a_view_of_a_dropped_copy(with_inputs):
+    model, x = randomize(WriteThroughViewOfCopy(), 0).eval(), torch.randn(2, 3, 7)
+    fused, report = reparam.fuse_with_report(model, (x,) if with_inputs else None)
+    with torch.no_grad():
+        for shape in ((2, 3, 7), (1, 3, 8)):
+            x = torch.randn(shape)
+            assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(model(x), fused(x)))
+    assert not [n for n in report.notes if n.startswith("undone")], report.notes
