@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
+from . import trace
 from .algebra import ConvSpec, dense
 from .mutation import is_size, op_name
 from .ops import Constant, Graph, NewConv, Rewrite, plain
@@ -65,7 +66,7 @@ def verify(g: Graph, rw: Rewrite, tolerance: float = TOLERANCE) -> Verdict:
             last = Verdict(None, str(e))
             continue
         except Exception as e:  # the replaced ops do not take these probes
-            last = Verdict(None, f"the replaced ops fail on probes: {type(e).__name__}: {_line(e)}")
+            last = Verdict(None, f"the replaced ops fail on probes: {type(e).__name__}: {trace._first_line(e)}")
             continue
         try:
             new = probe.new()
@@ -73,7 +74,7 @@ def verify(g: Graph, rw: Rewrite, tolerance: float = TOLERANCE) -> Verdict:
         except _Unknown as e:
             last = Verdict(None, str(e))
         except Exception as e:
-            return Verdict(math.inf, f"the new ops fail where the old ones run: {type(e).__name__}: {_line(e)}")
+            return Verdict(math.inf, f"the new ops fail where the old ones run: {type(e).__name__}: {trace._first_line(e)}")
     return last
 
 
@@ -307,9 +308,4 @@ def _rel_error(old, new) -> float:
         err = (x - y).abs().max().item()
         worst = max(worst, err / scale if scale > 0 else err)
     return worst
-
-
-def _line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 

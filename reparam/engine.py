@@ -80,8 +80,8 @@ def _dropped_module(rw: Rewrite, g: Graph) -> tuple | None:
     its input: a key of what its verdict depends on (the class, its settings, the input's
     shape), so that 160 such layers are evaluated once; else None."""
     n, m = rw.output, g.module(rw.output)
-    if m is None or rw.substitute or rw.erase != [n] or rw.terms != [(n.args[0] if n.args else None, 1.0)] \
-            or n.kwargs or len(n.args) != 1 or not type(m).__module__.startswith("torch.nn.") \
+    if m is None or len(n.args) != 1 or n.kwargs or rw.terms != [(n.args[0], 1.0)] or rw.erase != [n] \
+            or rw.substitute or not type(m).__module__.startswith("torch.nn.") \
             or m._parameters or m._buffers or m._modules or m._forward_hooks or m._forward_pre_hooks:
         return None
     settings = [(k, v) for k, v in vars(m).items() if not k.startswith("_")]

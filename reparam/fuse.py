@@ -206,7 +206,7 @@ def _fuse_checked(work: nn.Module, inputs, want, ratio: float):
         try:
             report.after, got = _run(fused, inputs)
         except Exception as e:  # a wrong rewrite: infinitely wrong
-            failure, error = f"fails on the example inputs ({type(e).__name__}: {_first_line(e)})", math.inf
+            failure, error = f"fails on the example inputs ({type(e).__name__}: {trace._first_line(e)})", math.inf
         else:
             report.max_rel_error, error = _differ(want[0], got[0]), _differ(want, got)
             failure = f"differs from the model on the example inputs (rel err {error:.2g})"
@@ -227,11 +227,6 @@ def _fuse_checked(work: nn.Module, inputs, want, ratio: float):
     report.rewrites, report.max_rel_error = [], 0.0
     report.after = count(work, fresh(inputs))
     return work, report
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _differ(expected, got) -> float:

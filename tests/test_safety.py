@@ -22,15 +22,24 @@ def conv_bn_relu(c=4):
                          nn.Conv2d(c, c, 1), nn.BatchNorm2d(c))
 
 
-def broken_rule(node, g):
-    """merge_sequential with its result 1% too large: what a buggy rule returns."""
-    rw = merge_sequential(node, g)
-    if isinstance(rw, ops.Rewrite):
-        new = rw.terms[0][0]
-        bad = replace(new.spec, weight=new.spec.weight * 1.01,
-                      bias=None if new.spec.bias is None else new.spec.bias * 1.01)
-        return replace(rw, rule="broken_rule", terms=[(replace(new, spec=bad), 1.0)])
-    return rw
+def altered_merge(name: str, weight, bias=lambda b: b):
+    """merge_sequential with its new conv's weight and bias passed through `weight` and `bias`:
+    what a buggy rule returns."""
+    def rule(node, g):
+        rw = merge_sequential(node, g)
+        if isinstance(rw, ops.Rewrite):
+            new = rw.terms[0][0]
+            bad = replace(new.spec, weight=weight(new.spec.weight),
+                          bias=None if new.spec.bias is None else bias(new.spec.bias))
+            return replace(rw, rule=name, terms=[(replace(new, spec=bad), 1.0)])
+        return rw
+    rule.__name__ = name
+    return rule
+
+
+broken_rule = altered_merge("broken_rule", lambda w: w * 1.01, lambda b: b * 1.01)  # 1% too large
+# one input channel too many: the model it makes raises
+raising_result_rule = altered_merge("raising_result_rule", lambda w: torch.cat([w, w[:, :1]], 1))
 
 
 def raising_rule(node, g):
@@ -69,17 +78,6 @@ def test_a_wrong_rule_past_the_self_check_never_reaches_the_result_given_inputs(
     assert [n for n in report.notes if n.startswith("undone: broken_rule")], report.notes
     without, _ = reparam.fuse_with_report(model)  # no inputs, no whole-model check: wrong
     assert reparam.testing.model_rel_error(model, without, x) > 1e-3
-
-
-def raising_result_rule(node, g):
-    """merge_sequential whose conv gets one input channel too many: the model it makes raises."""
-    rw = merge_sequential(node, g)
-    if isinstance(rw, ops.Rewrite):
-        new = rw.terms[0][0]
-        w = new.spec.weight
-        bad = replace(new.spec, weight=torch.cat([w, w[:, :1]], 1))
-        return replace(rw, rule="raising_result_rule", terms=[(replace(new, spec=bad), 1.0)])
-    return rw
 
 
 def test_a_fused_model_that_raises_on_the_inputs_is_never_returned(with_rule, monkeypatch):

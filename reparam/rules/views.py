@@ -15,7 +15,7 @@ from torch import fx
 from .. import algebra
 from ..algebra import Affine
 from ..ops import Graph, NewConv, Refusal, Rewrite, arg, where
-from .common import as_conv, linear
+from .common import as_conv, common_rank, linear
 from .simplify import _mutated
 
 NAME = "fold_through_flatten"
@@ -54,9 +54,8 @@ def _linear_layer(g: Graph, y: fx.Node):
 def _fold(g: Graph, rule: str, node: fx.Node, affine: Affine, view: fx.Node, y: fx.Node, rank: int):
     """affine(view(linear(x))) as view(linear'(x)): the view keeps the Linear's features as the
     axis the affine map scales; `rank` is the view's."""
-    if affine.dims > rank:
-        return Refusal(rule, node, f"a constant of more dims than the {rank}-d tensor it multiplies "
-                                   "would broadcast it to another shape")
+    if isinstance(reason := common_rank([affine], rank), str):  # a constant of more dims than the view
+        return Refusal(rule, node, reason)
     for n, user in ((view, node), (y, view)):
         if not g.single_use(n, user, same_shape=True) or g.shared(n):
             others = ", ".join(where(u) for u in g.readers(n) if u is not user)
