@@ -9,11 +9,14 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 import re
+import warnings
 from dataclasses import replace
 
 import torch
 from torch import fx, nn
+from torch._subclasses import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import remove_spectral_norm, remove_weight_norm
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -215,6 +218,14 @@ def _fuse_checked(work: nn.Module, inputs, want, ratio: float):
         if attempt == 0 and math.isfinite(error) and _differ(want, _run(work, inputs)[1]) > tolerance:
             report.notes.append("the model's outputs change from call to call: fused without the whole-model check")
             return fused, report
+        exact = _float64_error(work, fused, inputs) if math.isfinite(error) else None
+        if exact is not None and exact <= tolerance:
+            # rounding the model's dtype does, amplified where the output is discontinuous (a
+            # top-k or argmax flips on a near tie): the same computation in float64 agrees
+            report.notes.append(f"the outputs differ by a relative {error:.2g} in {_dtypes(want[0])} but agree "
+                                f"in float64 (rel err {exact:.2g}): the model's output is discontinuous "
+                                "(top-k, argmax, sort or a threshold) at these inputs, and rounding moves it")
+            return fused, report
         culprit = _bisect(work, inputs, ratio, budget, want, tolerance) if attempt < 8 else None
         if culprit is None:
             break
@@ -237,6 +248,25 @@ def _differ(expected, got) -> float:
         return math.inf
     err = rel_error(exp, act)
     return err if math.isfinite(err) else math.inf
+
+
+def _float64_error(model: nn.Module, fused: nn.Module, inputs) -> float | None:
+    """The relative error of `fused` against `model`, both run in float64 (copies, on the same
+    inputs in float64); None where either fails in float64 (a dtype fixed in its code)."""
+    def wide(t):
+        return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    try:
+        a, b = copy.deepcopy(model).double(), copy.deepcopy(fused).double()
+        args = tree_map(wide, inputs)
+        return _differ(a(*fresh(args)), b(*fresh(args)))
+    except Exception:  # not computable in float64: the check in the model's dtype stands
+        return None
+
+
+def _dtypes(out) -> str:
+    return "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in tree_leaves(out)
+                            if isinstance(t, torch.Tensor) and t.is_floating_point()}))
 
 
 def _tolerance(expected) -> float:
@@ -281,7 +311,7 @@ def _fuse_report(work, inputs, ratio, budget) -> tuple[nn.Module, Report]:
 # ---- fusing, module by module ----
 
 def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, scopes=None,
-          budget: engine.Budget | None = None) -> nn.Module:
+          budget: engine.Budget | None = None, observation=None) -> nn.Module:
     """`module` (at `path`) fused. A module becomes one fused graph only where a merge combines
     ops of different children of it (a merge scope); elsewhere it keeps its class and Python
     code, and its children are fused: iterating it and calling its methods still work, and
@@ -296,11 +326,24 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
         if not list(module.children()) or not any(s.startswith(prefix) for s in scopes):
             return module  # nothing merges in here
         return _fuse_children(module, inputs, path, report, ratio, scopes, budget)
-    gm, errors = trace.trace(module, fresh(inputs))
+    gm, errors = trace.trace(module, fresh(inputs), front_ends=("fx",))
+    if gm is None and inputs is not None and list(module.children()):
+        # its children first, each fused where it traces (fast); torch.export of the whole
+        # (slow) only where that leaves a norm no graph saw next to its conv
+        trial = Report()
+        observation = observation or usage.observe(module, fresh(inputs))
+        kept = _fuse_children(module, inputs, path, trial, ratio, None, budget, observation=observation)
+        if _may_merge_across(module, kept, observation):
+            gm, more = trace.trace(module, fresh(inputs), front_ends=("export",))
+            errors += more
+        if gm is None:
+            report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
+            report.extend(trial)
+            return kept
     if gm is None:
         report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
-        return _fuse_children(module, inputs, path, report, ratio, None, budget) if list(module.children()) \
-            else module
+        return _fuse_children(module, inputs, path, report, ratio, None, budget, observation=observation) \
+            if list(module.children()) else module
     here = Report()
     if errors:
         here.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
@@ -330,12 +373,134 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
         held = f", where {' and '.join(guards)}" if guards else ""
         report.notes.append(f"the exported graph of '{path or '<root>'}' is shape-specialized: it accepts "
                             f"inputs of shape {shapes} only (* is any size){held}")
-    for name, value in vars(module).items():  # what the caller may read: `self.attn.resolution`
-        if not (name.startswith("_") or name == "training" or name in vars(gm)
-                or isinstance(value, (nn.Module, torch.Tensor))):
-            setattr(gm, name, value)
     _fuse_hooked(gm, prefix, report, ratio, budget)
+    return _dressed(gm, module) if path else _with_attributes(gm, module)
+
+
+_MODULE_STATE = set(vars(nn.Module()))  # nn.Module's own (hooks, tables, `training`)
+
+
+def _with_attributes(gm: fx.GraphModule, module: nn.Module) -> fx.GraphModule:
+    """gm with what a caller may read of `module` (`m.f`, `self.attn.resolution`, a plain tensor
+    such as `stride`, `_depth` behind a property): its attributes that are neither nn.Module's
+    own state nor submodules, parameters or buffers, kept
+    across `copy.deepcopy` (fx's preserved attributes)."""
+    kept = {name: value for name, value in vars(module).items()
+            if not (name in _MODULE_STATE or name in vars(gm) or isinstance(value, nn.Module))}
+    for name, value in kept.items():
+        setattr(gm, name, value)
+    gm.meta.setdefault("_user_preserved_attributes", {}).update(kept)
     return gm
+
+
+def _dressed(gm: fx.GraphModule, module: nn.Module) -> fx.GraphModule:
+    """gm, fused in the place of `module` under a parent that stays Python: of a subclass of
+    `module`'s class (so `isinstance`, its methods and attributes still serve the parent, as
+    Ultralytics' `_predict_once` reads `m.f`, `m.i` of each layer), running gm's code. nn.Module's
+    own methods (`_apply`, `train`, `__getattr__`, ...) stay the graph module's: a class that
+    overrides them reads children the graph may have merged. torch's own classes and a class
+    that cannot be combined with the graph module's are left a plain graph module."""
+    gm = _with_attributes(gm, module)
+    cls = type(module)
+    if cls.__module__.split(".")[0] == "torch" or isinstance(module, fx.GraphModule) \
+            or any("__call__" in vars(c) for c in cls.__mro__ if c not in nn.Module.__mro__):
+        return gm
+    impl = type(gm)
+    own = {k for c in cls.__mro__ if c not in nn.Module.__mro__ for k in vars(c)}
+    body = {k: next(vars(c)[k] for c in impl.__mro__ if k in vars(c))
+            for k in own & _MODULE_NAMES}
+    # called as any module: fx's recompile on this class wraps whatever __call__ it finds here
+    body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __call__=nn.Module.__call__)
+    try:
+        gm.__class__ = type(cls.__name__, (cls, impl), body)
+    except TypeError:  # a metaclass, __slots__ or __init_subclass__ of its own
+        return gm
+    return gm
+
+
+# what a class of the user's must not override on a fused module: nn.Module's and fx's own
+# methods and properties (a user's `extra_repr` or `_apply` may read a merged child)
+_MODULE_NAMES = {k for c in fx.GraphModule.__mro__[:-1] for k in vars(c)} - {
+    "__init__", "__new__", "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__",
+    "__annotations__", "__firstlineno__", "__static_attributes__"}
+
+
+_LINEAR = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear)
+_LINEAR_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.neg, torch.add, torch.cat}
+
+
+def _may_merge_across(module: nn.Module, kept: nn.Module, seen: usage.Observation) -> bool:
+    """Could one graph of `module` merge more than `kept` (its children fused one by one, its
+    own Python kept)? Where a norm is left next to no op of its graph (`_open_norms`), or two of
+    the fused pieces meet linearly on the example inputs: one reads what another returns, the
+    first ending and the second starting with a linear op (conv → BN across children), or two
+    linear pieces read the same tensor (the branches of a sum)."""
+    if _open_norms(kept):
+        return True
+    pieces = [(seen.flows[id(m)], f) for m, f in _pieces(module, kept) if id(m) in seen.flows]
+    made_by = {t: i for i, ((_, outs), _) in enumerate(pieces) for t in outs}
+    readers = {}
+    for i, ((ins, _), f) in enumerate(pieces):
+        for t in ins:
+            j = made_by.get(t)
+            if j is not None and j != i and _ends_linear(pieces[j][1]) and _starts_linear(f):
+                return True
+            readers.setdefault(t, []).append(f)
+    return any(sum(map(_all_linear, fs)) >= 2 for fs in readers.values())
+
+
+def _pieces(module: nn.Module, kept: nn.Module):
+    """(original, fused) for each piece of `kept` that runs as one: a graph or a leaf module,
+    found below the modules whose Python was kept."""
+    for name, child in module.named_children():
+        fused = kept._modules.get(name)
+        if fused is None:
+            continue
+        if isinstance(fused, fx.GraphModule) or not list(fused.children()) or fused is child \
+                and not any(True for _ in child.children()):
+            yield child, fused
+        else:
+            yield from _pieces(child, fused)
+
+
+def _linear_nodes(gm: fx.GraphModule, nodes) -> bool:
+    return any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), _LINEAR) for n in nodes)
+
+
+def _ends_linear(m: nn.Module) -> bool:
+    if not isinstance(m, fx.GraphModule):
+        return isinstance(m, _LINEAR)
+    out = next(n for n in m.graph.nodes if n.op == "output")
+    return _linear_nodes(m, out.all_input_nodes)
+
+
+def _starts_linear(m: nn.Module) -> bool:
+    if not isinstance(m, fx.GraphModule):
+        return isinstance(m, _LINEAR)
+    return any(_linear_nodes(m, n.users) for n in m.graph.nodes if n.op == "placeholder")
+
+
+def _all_linear(m: nn.Module) -> bool:
+    if not isinstance(m, fx.GraphModule):
+        return isinstance(m, _LINEAR)
+    return all(n.op in ("placeholder", "output", "get_attr")
+               or n.op == "call_module" and isinstance(m.get_submodule(n.target), _LINEAR)
+               or n.op == "call_function" and n.target in _LINEAR_FUNCTIONS for n in m.graph.nodes)
+
+
+def _open_norms(model: nn.Module) -> list[nn.Module]:
+    """The batch norms in `model` that no graph holds with the op before them: called by a
+    parent's Python, or reading their graph's input. A graph spanning more may fold them."""
+    held = {id(m) for gm in model.modules() if isinstance(gm, fx.GraphModule) for m in gm.modules()}
+    open_ = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in held]
+    for gm in model.modules():
+        if isinstance(gm, fx.GraphModule):
+            for n in gm.graph.nodes:
+                if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node) \
+                        and n.args[0].op == "placeholder" \
+                        and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm):
+                    open_.append(gm.get_submodule(n.target))
+    return open_
 
 
 def _within(path: str, scopes) -> bool:
@@ -348,15 +513,16 @@ def _made(model: nn.Module) -> int:
                for n in m.graph.nodes)
 
 
-def _fuse_children(module, inputs, path, report, ratio, scopes, budget, observed=None,
-                   plan=None) -> nn.Module:
+def _fuse_children(module, inputs, path, report, ratio, scopes, budget, plan=None,
+                   observation=None) -> nn.Module:
     """A shallow copy of `module` (same class, code, hooks and attributes) with its children
     fused; a child the module uses as a collection (see `usage`) keeps its class too.
-    observed: ids of the modules seen used as collections (with example inputs); plan: how the
-    parent uses this module ((levels, tail) of `usage.from_source`; None: not as a collection)."""
-    child_inputs = {}
-    if inputs is not None:
-        child_inputs, observed = usage.observe(module, fresh(inputs))
+    plan: how the parent uses this module ((levels, tail) of `usage.from_source`; None: not as a
+    collection); observation: with example inputs, `usage.observe` of this module or an
+    ancestor (the arguments each module was called with, the modules used as collections)."""
+    if inputs is not None and observation is None:
+        observation = usage.observe(module, fresh(inputs))
+    seen, observed = (observation.args, observation.loose) if observation else ({}, None)
     names = [name for name, _ in module.named_children()]
     if observed is not None:
         uses = {name: (1, "observed") if id(getattr(module, name)) in observed else usage.WHOLE for name in names}
@@ -372,10 +538,10 @@ def _fuse_children(module, inputs, path, report, ratio, scopes, budget, observed
         sub = f"{path}.{name}" if path else name
         if uses[name] != usage.WHOLE:  # a collection: keeps its class, its children are fused
             below = None if uses[name][1] == "observed" else uses[name]
-            fused = _fuse_children(child, None, sub, report, ratio, scopes, budget, observed, below) \
+            fused = _fuse_children(child, None, sub, report, ratio, scopes, budget, below, observation) \
                 if list(child.children()) else child
         else:
-            fused = _fuse(child, child_inputs.get(name), sub, report, ratio, scopes, budget)
+            fused = _fuse(child, seen.get(id(child)), sub, report, ratio, scopes, budget, observation)
         out._modules[name] = fused
         if name in out.__dict__:  # a plain-attribute alias of the child (see _fast_lookup)
             object.__setattr__(out, name, fused)
@@ -398,10 +564,21 @@ def _fuse_hooked(gm: fx.GraphModule, prefix: str, report: Report, ratio: float, 
 def _run_engine(gm: fx.GraphModule, inputs, path: str, report: Report, ratio: float, budget) -> engine.Outcome:
     if inputs is not None and not any("val" in n.meta for n in gm.graph.nodes):
         try:
-            ShapeProp(gm).propagate(*fresh(inputs))
+            _shapes(gm, inputs)
         except Exception as e:  # shapes only sharpen a few checks; rules refuse without them
             report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
     return engine.run(gm, max_macs_ratio=ratio, budget=budget, prefix=f"{path}." if path else "")
+
+
+def _shapes(gm: fx.GraphModule, inputs):
+    """Each node's shape and dtype (`tensor_meta`), propagated on fake tensors (nothing is
+    computed); where an op has no fake kernel, on the inputs themselves."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ShapeProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*fresh(inputs))
+    except Exception:
+        ShapeProp(gm).propagate(*fresh(inputs))
 
 
 def _merge_scopes(gm: fx.GraphModule) -> set[str]:

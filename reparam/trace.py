@@ -232,16 +232,19 @@ def _canonical_batch_norm(gm: fx.GraphModule):
     gm.recompile()
 
 
-def trace(model: nn.Module, example_inputs=None) -> tuple[fx.GraphModule | None, list[str]]:
+def trace(model: nn.Module, example_inputs=None,
+          front_ends=("fx", "export")) -> tuple[fx.GraphModule | None, list[str]]:
     """(mutation-free graph module in eval mode, the messages of the front ends that failed
-    before), or (None, every front end's message)."""
+    before), or (None, every front end's message). `front_ends`: which to try, in order
+    (torch.export only with example inputs)."""
     errors = []
-    try:
-        given = len(example_inputs) if example_inputs is not None else 1
-        return symbolic(model, given, recompile=False).eval(), []
-    except Exception as e:  # any tracer failure means: try the next front end
-        errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
-    if example_inputs is not None:
+    if "fx" in front_ends:
+        try:
+            given = len(example_inputs) if example_inputs is not None else 1
+            return symbolic(model, given, recompile=False).eval(), []
+        except Exception as e:  # any tracer failure means: try the next front end
+            errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
+    if "export" in front_ends and example_inputs is not None:
         try:  # an exported module is traced in eval mode and refuses .train()/.eval()
             return exported(model, example_inputs), errors
         except Exception as e:

@@ -10,33 +10,58 @@ without them it is read from the parent class's source (`from_source`).
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 
-def observe(module: nn.Module, inputs) -> tuple[dict[str, tuple], set[int]]:
-    """Run `module(*inputs)` once: (the arguments of each direct child called exactly once,
-    the ids of the modules in the tree used as collections: some child of theirs was called
-    while they were not running)."""
-    parent = {}
+@dataclass
+class Observation:
+    """One forward of a module on example inputs, seen from its tree (see `observe`).
+
+    Attributes:
+        args: the arguments of each module called exactly once, positionally, by id.
+        loose: the ids of the modules used as collections: a child of theirs was called while
+            they were not running.
+        flows: for each module called exactly once, by id, (the ids of the tensors it read,
+            the ids of the tensors it returned); the tensors are kept alive, so ids are unique.
+    """
+    args: dict = field(default_factory=dict)
+    loose: set = field(default_factory=set)
+    flows: dict = field(default_factory=dict)
+    _alive: list = field(default_factory=list, repr=False)
+
+
+def observe(module: nn.Module, inputs) -> Observation:
+    """Run `module(*inputs)` once and watch each module of its tree (see Observation)."""
+    parents = {}  # a module may be the child of several (Ultralytics' Conv shares one SiLU)
     for p in module.modules():
         for c in p.children():
-            parent.setdefault(id(c), p)
-    running, calls, loose = [], {}, set()
-    names = {id(c): name for name, c in module.named_children()}
+            parents.setdefault(id(c), []).append(p)
+    parent = {k: ups[0] for k, ups in parents.items()}
+    running, calls, flows, seen = [], {}, {}, Observation()
+
+    def tensors(value):
+        found = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+        seen._alive.extend(found)
+        return {id(t) for t in found}
 
     def pre(m, args, kwargs):
-        up = parent.get(id(m))
-        if up is not None and up is not module and all(r is not up for r in running):
-            loose.add(id(up))
-        if up is module and id(m) in names:  # keyword arguments: not replayable as example inputs
-            calls.setdefault(names[id(m)], []).append(None if kwargs else args)
+        ups = [up for up in parents.get(id(m), []) if up is not module]
+        if ups and len(ups) == len(parents[id(m)]) and not any(r is up for r in running for up in ups):
+            seen.loose.update(id(up) for up in ups)
+        # keyword arguments: not replayable as example inputs
+        calls.setdefault(id(m), []).append(None if kwargs else args)
+        flows[id(m)] = (tensors((args, kwargs)), set())
         running.append(m)
 
     def post(m, args, out):
+        flows[id(m)][1].update(tensors(out))
         if running and running[-1] is m:
             running.pop()
 
@@ -52,47 +77,92 @@ def observe(module: nn.Module, inputs) -> tuple[dict[str, tuple], set[int]]:
             h.remove()
     # a module between `module` and one used as a collection is reached into as well
     for m in list(module.modules()):
-        if id(m) in loose:
+        if id(m) in seen.loose:
             up = parent.get(id(m))
             while up is not None and up is not module:
-                loose.add(id(up))
+                seen.loose.add(id(up))
                 up = parent.get(id(up))
-    return {name: c[0] for name, c in calls.items() if len(c) == 1 and c[0] is not None}, loose
+    once = {key for key, c in calls.items() if len(c) == 1}
+    seen.args = {key: calls[key][0] for key in once if calls[key][0] is not None}
+    seen.flows = {key: flows[key] for key in once}
+    return seen
 
 
 # how a parent uses a child: (levels, tail). levels = how many levels down it is a collection
 # (0: called whole); below them the elements are called ("call") or, where the parent reaches
-# in by an attribute (`self.body.features(x)`), their own class's source decides ("source")
-WHOLE, UNKNOWN = (0, "call"), (99, "source")
+# in by an attribute (`self.body.features(x)`), their own class's source decides ("source").
+# A child fused whole keeps its class, methods and plain attributes (see fuse._dressed), so
+# reading `m.f`, comparing it, or passing it to a function is a use as a whole; only iterating,
+# indexing and reaching into it (a method, a submodule, a weight) make it a collection.
+# UNKNOWN (never named, returned, stored): it keeps its class and code, its own source decides
+WHOLE, UNKNOWN = (0, "call"), (1, "source")
+
+# builtins that only look at a module as a whole
+_WHOLE_BUILTINS = {"len", "isinstance", "type", "id", "hasattr", "callable", "repr", "str", "print"}
+# builtins that iterate their argument
+_ITERATORS = {"list", "tuple", "iter", "reversed", "sorted", "map", "filter", "zip", "enumerate"}
 
 
 def from_source(module: nn.Module) -> dict[str, tuple[int, str]]:
-    """How `module`'s class source uses each direct child (see WHOLE); construction in
-    `__init__` aside. A child the source never names as `self.<name>` (reached by getattr or
-    `self.children()`), or every child where the source cannot be read: UNKNOWN."""
+    """How `module`'s class source uses each direct child (see WHOLE), in the methods its
+    forward reaches (through `self.<method>`) and its overrides of nn.Module's own methods
+    (`_apply`, which `.to()` calls). A child the source never names as `self.<name>` (reached by
+    getattr or `self.children()`), or every child where the source cannot be read: UNKNOWN."""
     names = [name for name, _ in module.named_children()]
     if type(module) in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
         return dict.fromkeys(names, WHOLE)  # torch's containers call each child whole
+    methods = _methods(type(module))
+    if methods is None:
+        return dict.fromkeys(names, UNKNOWN)
     uses: dict[str, list] = {}
-    for cls in type(module).__mro__:
-        if cls.__module__.startswith("torch.nn") or cls is object:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        except (OSError, TypeError, SyntaxError):
-            return dict.fromkeys(names, UNKNOWN)
-        for fn in ast.walk(tree):
-            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.name not in ("__init__", "extra_repr") \
-                    and fn.args.args:
-                _Uses(fn, module, set(names)).into(uses)
+    for fn in _reached(methods):
+        if fn.args.args:
+            _Uses(fn, module, set(names), methods).into(uses)
     return {name: max(uses[name]) if name in uses else UNKNOWN for name in names}
 
 
-class _Uses:
-    """The uses of `self.<child>` in one method, each followed through subscripts and loops."""
+@functools.lru_cache(maxsize=None)
+def _methods(cls: type) -> dict[str, ast.FunctionDef] | None:
+    """The methods of `cls` and its bases outside torch.nn, by name (the most derived one), parsed
+    once per class; None where a source cannot be read."""
+    methods = {}
+    for c in reversed(cls.__mro__):
+        if c.__module__.startswith("torch.nn") or c is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(c)))
+        except (OSError, TypeError, SyntaxError):
+            return None
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        methods.update({fn.name: fn for fn in body if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))})
+    return methods
 
-    def __init__(self, fn, module, names):
-        self.fn, self.module, self.names, self.me = fn, module, names, fn.args.args[0].arg
+
+def _reached(methods: dict) -> list:
+    """`forward`, the methods it reaches through `self.<name>`, and overrides of nn.Module's own
+    methods (torch calls those: `.to()` runs `_apply`)."""
+    todo = [name for name in methods if name == "forward" or (name in vars(nn.Module) and name != "__init__")]
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in methods:
+            continue
+        seen.add(name)
+        fn = methods[name]
+        me = fn.args.args[0].arg if fn.args.args else None
+        todo += [n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                 and n.value.id == me and n.attr in methods]
+    return [methods[name] for name in methods if name in seen]
+
+
+class _Uses:
+    """The uses of `self.<child>` in one method, each followed through subscripts, loops,
+    assignments to a name and calls of the class's own methods."""
+
+    def __init__(self, fn, module, names, methods, seen=()):
+        self.fn, self.module, self.names, self.methods = fn, module, names, methods
+        self.me = fn.args.args[0].arg
+        self.seen = (*seen, fn.name)
         self.calls = {id(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
         self.parent = {id(c): n for n in ast.walk(fn) for c in ast.iter_child_nodes(n)}
 
@@ -100,49 +170,100 @@ class _Uses:
         for n in ast.walk(self.fn):
             if isinstance(n, ast.Attribute) and n.attr in self.names and isinstance(n.value, ast.Name) \
                     and n.value.id == self.me and isinstance(n.ctx, ast.Load):
-                uses.setdefault(n.attr, []).append(self.use(n, n.attr))
+                uses.setdefault(n.attr, []).append(self.use(n, [getattr(self.module, n.attr)]))
 
-    def use(self, e, child: str, depth: int = 0) -> tuple[int, str]:
+    def use(self, e, objs: list, depth: int = 0) -> tuple[int, str]:
+        """How the expression `e`, one of the modules `objs`, is used."""
         if depth > 8:
             return UNKNOWN
         if id(e) in self.calls:
             return WHOLE
         up = self.parent.get(id(e))
+        below = [c for o in objs for c in o.children()]
         if isinstance(up, ast.Subscript) and up.value is e:
-            return self.deeper(self.use(up, child, depth + 1))
+            return self.deeper(self.use(up, below, depth + 1))
         if isinstance(up, ast.Attribute) and up.value is e:
-            return WHOLE if _plain_data(self.module, child, up.attr) and depth == 0 else (1, "source")
-        if isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id == "len":
-            return WHOLE  # its size only
+            return WHOLE if _plain_data(objs, up.attr) else (1, "source")
+        if isinstance(up, ast.Compare):
+            return WHOLE  # `m is self.model[-1]`
+        if isinstance(up, ast.Assign) and up.value is e and len(up.targets) == 1 \
+                and isinstance(up.targets[0], ast.Name):
+            return self.named(self.fn, up.targets[0].id, objs, depth)
+        if isinstance(up, ast.Call) and e in up.args:
+            func = up.func
+            if isinstance(func, ast.Name) and func.id in _WHOLE_BUILTINS:
+                return WHOLE
+            if isinstance(func, ast.Name) and func.id in _ITERATORS:
+                loop, var = self.loop_over(e, up)
+                if loop is None:
+                    return self.deeper(UNKNOWN)
+                return self.deeper(self.named(loop, var, below, depth + 1))
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == self.me:
+                return self.into_method(func.attr, up.args.index(e), objs, depth)
+            return WHOLE  # passed to a function: it gets the module with its class and attributes
         loop, var = self.loop_over(e, up)
         if loop is not None:
-            names = [n for stmt in loop.body for n in ast.walk(stmt)
-                     if isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, ast.Load)]
-            return self.deeper(max([self.use(n, child, depth + 1) for n in names] or [WHOLE]))
-        return UNKNOWN  # passed on, zipped, returned: not followed
+            return self.deeper(self.named(loop, var, below, depth + 1))
+        if isinstance(up, (ast.List, ast.Tuple)) and isinstance(up.ctx, ast.Load):  # `for m in [self.a, self.b]`
+            loop, var = self.loop_over(up, self.parent.get(id(up)))
+            if loop is not None:
+                return self.named(loop, var, objs, depth + 1)
+        return UNKNOWN  # returned, stored, starred: not followed
+
+    def named(self, scope, var: str, objs: list, depth: int) -> tuple[int, str]:
+        """The uses of the name `var` within `scope`: a for loop's body, a comprehension's element
+        and conditions, or a whole method."""
+        if isinstance(scope, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            parts = [getattr(scope, f) for f in ("elt", "key", "value") if hasattr(scope, f)]
+            parts += [c for g in scope.generators for c in g.ifs]
+        else:
+            parts = scope.body
+        names = [n for part in parts for n in ast.walk(part)
+                 if isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, ast.Load)]
+        return max([self.use(n, objs, depth) for n in names] or [WHOLE])
+
+    def into_method(self, name: str, index: int, objs: list, depth: int) -> tuple[int, str]:
+        """Passed to `self.<name>(...)`: how that method uses its parameter."""
+        fn = self.methods.get(name)
+        if fn is None or name in self.seen or index + 1 >= len(fn.args.args):
+            return UNKNOWN
+        inner = _Uses(fn, self.module, self.names, self.methods, self.seen)
+        param = fn.args.args[index + 1].arg
+        names = [n for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id == param and isinstance(n.ctx, ast.Load)]
+        return max([inner.use(n, objs, depth + 1) for n in names] or [WHOLE])
 
     def loop_over(self, e, up):
-        """(the for loop, its element variable) where `e` is what the loop iterates
-        (also through `enumerate(e)`), else (None, None)."""
-        if isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id == "enumerate" \
-                and up.args and up.args[0] is e:
-            loop = self.parent.get(id(up))
-            target = loop.target if isinstance(loop, ast.For) and loop.iter is up else None
-            if isinstance(target, ast.Tuple) and len(target.elts) == 2 and isinstance(target.elts[1], ast.Name):
-                return loop, target.elts[1].id
-            return None, None
-        if isinstance(up, ast.For) and up.iter is e and isinstance(up.target, ast.Name):
-            return up, up.target.id
+        """(the loop or comprehension, its element variable) where `e` is what it iterates (also
+        through `enumerate(e)` or `zip(..., e, ...)`), else (None, None)."""
+        index = None
+        if isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id in ("enumerate", "zip") \
+                and e in up.args:
+            index = 1 if up.func.id == "enumerate" else up.args.index(e)
+            e, up = up, self.parent.get(id(up))
+        if isinstance(up, (ast.For, ast.comprehension)) and up.iter is e:
+            target = up.target
+            if index is not None:
+                target = target.elts[index] if isinstance(target, ast.Tuple) and index < len(target.elts) else None
+            if isinstance(target, ast.Name):
+                return (up if isinstance(up, ast.For) else self.parent.get(id(up))), target.id
         return None, None
 
     @staticmethod
     def deeper(use: tuple[int, str]) -> tuple[int, str]:
-        return min(use[0] + 1, UNKNOWN[0]), use[1]
+        return min(use[0] + 1, 99), use[1]
 
 
-def _plain_data(module: nn.Module, child: str, attr: str) -> bool:
-    """`module.<child>.<attr>` is plain data (a fused child keeps those), not a method,
-    submodule or tensor."""
+def _plain_data(objs: list, attr: str) -> bool:
+    """`<obj>.<attr>` is plain data (a fused module keeps those) for each of `objs`, not a
+    method, submodule, parameter or buffer."""
     missing = object()
-    value = getattr(getattr(module, child, None), attr, missing)
-    return isinstance(value, (int, float, str, bool, tuple, type(None)))
+    for o in objs:
+        value = getattr(o, attr, missing)
+        if value is missing:
+            continue
+        if isinstance(value, torch.Tensor):
+            if attr in o._parameters or attr in o._buffers:
+                return False
+        elif not isinstance(value, (int, float, str, bool, tuple, list, dict, set, frozenset, type(None))):
+            return False
+    return True

@@ -1,0 +1,116 @@
+"""reparam.fuse on the libraries where re-parameterizable blocks run, as their users call it.
+
+Ultralytics YOLO (built from its YAML configs) and segmentation_models_pytorch with a timm
+encoder: random weights and BN statistics, nothing downloaded. Fused with and without example
+inputs, each result runs at most as many convs and BNs as the library's own converter leaves
+(Ultralytics' `model.fuse()`, timm's `reparameterize_model`) and computes the original function.
+Without example inputs the root's Python stays (Ultralytics iterates its layers and reads
+`m.f`, `m.i`): each layer is fused in place and keeps its class and attributes."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import reparam
+from reparam.testing import assert_equivalent
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+tasks = pytest.importorskip("ultralytics.nn.tasks")
+
+
+def _random_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.2)
+    return model.eval()
+
+
+def _yolo(config: str):
+    torch.manual_seed(0)
+    return _random_bn(tasks.DetectionModel(config, verbose=False)), torch.randn(1, 3, 64, 96)
+
+
+@pytest.mark.parametrize("config", ["yolov8n.yaml", "yolo11n.yaml", "yolov9t.yaml"])
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["no-inputs", "inputs"])
+def test_yolo_fuses_like_ultralytics(config, with_inputs):
+    model, x = _yolo(config)
+    theirs = copy.deepcopy(model).fuse(verbose=False)
+    ours = reparam.fuse(model, (x,) if with_inputs else None)
+    t, o = reparam.count(theirs, (x,)), reparam.count(ours, (x,))
+    assert o.convs <= t.convs and o.bns <= t.bns, \
+        f"{config}: convs/BNs {o.convs}/{o.bns} after reparam.fuse vs {t.convs}/{t.bns} after Ultralytics"
+    assert_equivalent(model, ours, x, rtol=1e-5)
+
+
+def test_yolo_layers_keep_what_the_parent_reads():
+    """Fused in place: the layers Ultralytics iterates keep their class and `f`, `i`, `type`, and
+    the fused model still runs Ultralytics' own methods (`.to()` runs BaseModel._apply, which
+    moves the head's `stride`), deep copies and pickles."""
+    from ultralytics.nn.modules import Conv, Detect
+
+    model, x = _yolo("yolov8n.yaml")
+    fused, report = reparam.fuse_with_report(model)
+    layers = list(fused.model)
+    assert [type(m).__name__ for m in layers] == [type(m).__name__ for m in model.model]
+    assert isinstance(layers[0], Conv) and isinstance(layers[-1], Detect)
+    assert [(m.f, m.i, m.type) for m in layers] == [(m.f, m.i, m.type) for m in model.model]
+    assert not hasattr(layers[0], "bn") and report.rewrites
+    fused = copy.deepcopy(fused).to(torch.float64).to(torch.float32)
+    assert isinstance(fused.model[0], Conv) and fused.model[0].i == 0
+    assert_equivalent(model, fused, x, rtol=1e-5)
+    assert model.model[0].bn is not None  # the user's model is untouched
+
+
+def test_the_parent_reaching_into_a_layer_keeps_it_python():
+    """A layer whose method the parent calls (or whose submodule it reads) is no whole: it keeps
+    its children, and only they are fused."""
+    from ultralytics.nn.modules import Conv
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Conv(3, 8, 3), Conv(8, 8, 3)
+
+        def forward(self, x):
+            if x.shape[1] != 3:  # untraceable: the Python stays
+                raise ValueError("3 channels expected")
+            x = self.a(x)
+            return self.b.forward_fuse(x) + self.b.bn(x)  # reaches into b
+
+    model = _random_bn(Net())
+    x = torch.randn(1, 3, 17, 19)
+    fused = reparam.fuse(model)
+    assert not hasattr(fused.a, "bn") and isinstance(fused.a, Conv) and hasattr(fused.b, "bn")
+    assert_equivalent(model, fused, x, rtol=1e-5)
+
+
+smp = None
+
+
+def _smp():
+    global smp
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    return smp
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["no-inputs", "inputs"])
+def test_smp_with_a_timm_encoder_fuses_like_timm(with_inputs):
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    model = _random_bn(_smp().FPN("tu-repvgg_a0", encoder_weights=None, classes=3))
+    x = torch.randn(1, 3, 64, 64)
+    theirs = reparameterize_model(copy.deepcopy(model))
+    ours = reparam.fuse(model, (x,) if with_inputs else None)
+    t, o = reparam.count(theirs, (x,)), reparam.count(ours, (x,))
+    assert o.convs <= t.convs and o.bns <= t.bns, \
+        f"convs/BNs {o.convs}/{o.bns} after reparam.fuse vs {t.convs}/{t.bns} after timm"
+    assert_equivalent(model, ours, x, rtol=1e-5)
