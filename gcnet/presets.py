@@ -51,7 +51,7 @@ class TrainConfig:
     class_weight: tuple[float, ...] | None = None  # per class, for both losses (Cityscapes: the release's)
     aux_weight: float = 0.4
     amp: bool = False
-    sync_bn: bool = True                      # with several GPUs: BN statistics over all of them (SyncBN)
+    sync_bn: bool = False                     # with several GPUs: BN statistics over all of them (SyncBN)
     workers: int = 4                          # data-loading processes per training process
     seed: int = 0
     deterministic: bool = False               # torch.use_deterministic_algorithms (slower on GPU)
@@ -113,18 +113,21 @@ _RULES = (  # (field, test, what the flag must be)
 CITYSCAPES_CLASS_WEIGHT = (0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
                            0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507)
 
+# BN as each release config's norm_cfg: plain BN (per-GPU statistics) for Cityscapes and CamVid,
+# SyncBN for VOC only.
 PRESETS = {
     "cityscapes": TrainConfig(dataset="cityscapes", crop_size=(1024, 1024), base_size=(2048, 1024),
                               batch_size=12, iters=120_000, lr=0.01, class_weight=CITYSCAPES_CLASS_WEIGHT,
                               out_dir="runs/gcnet-cityscapes"),
     # CamVid as the release's config: train/ only (the paper says train+val), test/ for evaluation,
-    # fine-tuned from Cityscapes weights.
+    # fine-tuned from Cityscapes weights. Its crop_size = (960, 720) is (H, W) in mmseg: 960-high,
+    # 720-wide crops of the 720×960 frames (the paper's text says 720×960).
     "camvid": TrainConfig(dataset="camvid", train_splits=("train",), val_split="test",
-                          crop_size=(720, 960), base_size=(960, 720), batch_size=12, iters=7_800,
+                          crop_size=(960, 720), base_size=(960, 720), batch_size=12, iters=7_800,
                           lr=0.001, init_required=True, out_dir="runs/gcnet-camvid"),
     "voc": TrainConfig(dataset="voc", crop_size=(512, 512), base_size=(2048, 512),
                        eval_size=(2048, 512), batch_size=16, iters=24_400, lr=0.001, init_required=True,
-                       out_dir="runs/gcnet-voc"),
+                       sync_bn=True, out_dir="runs/gcnet-voc"),
     # min_kept per batch of 8 (the 32,768 per image it was before counting per call)
     "folder": TrainConfig(dataset="folder", crop_size=(512, 512), batch_size=8, iters=20_000,
                           lr=0.01, min_kept=262_144, out_dir="runs/gcnet-folder"),
