@@ -40,6 +40,7 @@ from reparam.stats import latency
 from reparam.testing import rel_error
 
 from ._release import release_timed_form
+from .config import N_PATHS_HELP
 from .errors import require
 from .model import FACTORIES
 
@@ -322,7 +323,7 @@ def register(subparsers) -> None:
     p.add_argument("--min-time", type=float, default=0.0, help="ours: time each form at least this many seconds")
     p.add_argument("--seconds", type=float, default=6.0, help="release: length of the timed run (its script: 6)")
     p.add_argument("--builds", type=_count(1), default=3, help="release: fresh builds averaged")
-    p.add_argument("--n-paths", type=int, default=2)
+    p.add_argument("--n-paths", type=int, default=2, help=N_PATHS_HELP)
     p.add_argument("--threads", type=_count(1), default=None,
                    help="torch CPU threads (on a busy machine 1 thread can be far faster than several)")
     p.add_argument("--out", default=None, help="folder for the CSV and PNG (default runs/gcnet_bench "

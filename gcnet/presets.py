@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from .config import N_PATHS_HELP
 from .datasets import DATASETS, build_dataset
 from .errors import ConfigError
 
@@ -31,7 +32,7 @@ class TrainConfig:
     val_split: str = "val"
     num_classes: int | None = None            # folder datasets without a classes.txt
     variant: str = "s"                        # GCNet-S/M/L
-    n_paths: int = 2                          # Path3x3_1x1 per GCBlock
+    n_paths: int = 2                          # Path3x3_1x1 per GCBlock (N_PATHS_HELP: which N reaches which mIoU)
     init_from: str | None = None              # checkpoint to start from (CamVid, VOC: Cityscapes weights)
     init_required: bool = False               # refuse to start from random weights (CamVid, VOC)
     crop_size: tuple[int, int] = (1024, 1024)  # (h, w)
@@ -222,6 +223,9 @@ def config_from_dict(data: dict) -> TrainConfig:
     return TrainConfig(**{k: coerce(k, v) for k, v in data.items() if k in known})
 
 
+FLAG_HELP = {"n_paths": N_PATHS_HELP}  # the flags whose value a user must choose knowingly
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per TrainConfig field. Unset flags stay out of the namespace, so they never
     override a preset or config file."""
@@ -229,14 +233,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         kind = _base_type(_hints()[f.name])
         flag = "--" + f.name.replace("_", "-")
+        helps = {"help": FLAG_HELP[f.name]} if f.name in FLAG_HELP else {}
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, **helps)
         elif typing.get_origin(kind) is tuple:
             args = typing.get_args(kind)
             nargs = "+" if args[-1] is Ellipsis else len(args)
-            group.add_argument(flag, nargs=nargs, type=args[0], default=argparse.SUPPRESS, metavar=f.name.upper())
+            group.add_argument(flag, nargs=nargs, type=args[0], default=argparse.SUPPRESS, metavar=f.name.upper(),
+                               **helps)
         else:
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, **helps)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

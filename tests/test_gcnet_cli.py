@@ -259,3 +259,11 @@ def test_the_sample_image_is_small_and_readable():
     from gcnet.datasets import read_image
     path = Path(__file__).resolve().parents[1] / "docs" / "assets" / "sample.png"
     assert path.stat().st_size < 50_000 and read_image(path, "RGB").shape[2] == 3
+
+
+@pytest.mark.parametrize("command", ["info", "bench", "train"])
+def test_n_paths_help_says_which_n_reaches_which_miou(command, capsys):
+    assert _exit([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "N=2: the release's config and weights, 76.9 mIoU" in text
+    assert "N=3: its README's 77.3 (no config, no weights)" in text and "N=4: the paper's text" in text
