@@ -44,14 +44,22 @@ CITYSCAPES_LABELS = (
     ("motorcycle", 32, 17, (0, 0, 230)), ("bicycle", 33, 18, (119, 11, 32)),
 )
 
-# CamVid's 11 classes in the order of PIDNet's and mmseg's CamVid configs (alphabetical), with the
-# colours of the release's colour-coded labels. Every other colour (the 21 unused CamVid classes,
-# void) becomes 255.
+# CamVid's 11 classes in the order of PIDNet's and mmseg's CamVid configs (alphabetical), with their
+# colours in CamVid's colour-coded labels. The colours of the 21 unused CamVid classes and void
+# become 255; any other colour is not a CamVid label.
 CAMVID_CLASSES = (
     ("bicyclist", (0, 128, 192)), ("building", (128, 0, 0)), ("car", (64, 0, 128)),
     ("column_pole", (192, 192, 128)), ("fence", (64, 64, 128)), ("pedestrian", (64, 64, 0)),
     ("road", (128, 64, 128)), ("sidewalk", (0, 0, 192)), ("sign_symbol", (192, 128, 128)),
     ("sky", (128, 128, 128)), ("tree", (128, 128, 0)),
+)
+CAMVID_IGNORED_COLORS = (  # void, Animal, Archway, Bridge, CartLuggagePram, Child, LaneMkgsDriv,
+    (0, 0, 0), (64, 128, 64), (192, 0, 128), (0, 128, 64), (64, 0, 192), (192, 128, 64), (128, 0, 192),
+    # LaneMkgsNonDriv, Misc_Text, MotorcycleScooter, OtherMoving, ParkingBlock, RoadShoulder,
+    (192, 0, 64), (128, 128, 64), (192, 0, 192), (128, 64, 64), (64, 192, 128), (128, 128, 192),
+    # SUVPickupTruck, TrafficCone, TrafficLight, Train, Truck_Bus, Tunnel, VegetationMisc, Wall
+    (64, 128, 192), (0, 0, 64), (0, 64, 64), (192, 64, 128), (192, 128, 192), (64, 0, 64), (192, 192, 0),
+    (64, 192, 0),
 )
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -179,10 +187,13 @@ class Cityscapes(SegmentationFiles):
 
 
 class CamVid(SegmentationFiles):
-    """The release's layout: `{split}/*.png` with colour-coded labels in `{split}_labels/`
-    (named `<stem>_L.png`, or `<stem>.png`). Splits: train, val, test.
+    """The release's layout: `{split}/*.png` with labels in `{split}_labels/` (named `<stem>_L.png`,
+    or `<stem>.png`). Splits: train, val, test.
 
-    The 11 class colours map to classes 0..10; every other colour becomes 255."""
+    Each label file is read by its PIL mode: single-channel (greyscale or palette) files hold class
+    ids 0..10 (255 = ignore), as the release reads them; RGB files are CamVid's colour coding, the
+    11 class colours → 0..10 and the other CamVid colours → 255. Any other value is refused
+    (ValueError naming the file), never read as "ignore"."""
 
     classes = tuple(name for name, _ in CAMVID_CLASSES)
     palette = np.array([color for _, color in CAMVID_CLASSES], np.uint8)
@@ -199,14 +210,35 @@ class CamVid(SegmentationFiles):
         super().__init__(_pair(images.glob("*.png"), label_of), root, split)
 
     def read_label(self, path: Path) -> np.ndarray:
-        return colors_to_ids(read_image(path, "RGB"), self.palette)
+        raw = read_image(path)  # the stored values: (H, W) ids, or (H, W, 3|4) colours
+        if raw.ndim == 2:
+            wrong = np.setdiff1d(raw, [*range(len(self.classes)), IGNORE_INDEX])
+            if wrong.size:
+                raise ValueError(f"{path}: single-channel label holds {wrong[:5].tolist()}, not CamVid class "
+                                 f"ids (0-{len(self.classes) - 1}, 255 = ignore); relabel the file")
+            return raw.astype(np.uint8)
+        if raw.shape[2] not in (3, 4):
+            raise ValueError(f"{path}: a label with {raw.shape[2]} channels; expected single-channel class ids "
+                             f"or RGB colours")
+        try:
+            return colors_to_ids(raw[..., :3], self.palette, ignored=np.array(CAMVID_IGNORED_COLORS, np.uint8))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
-def colors_to_ids(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 colour-coded label → (H, W) uint8 ids; colours not in `palette` → 255."""
+def colors_to_ids(rgb: np.ndarray, palette: np.ndarray, ignored: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 colour-coded label → (H, W) uint8 ids; colours not in `palette` → 255.
+
+    ignored: (M, 3) the only other colours allowed (→ 255); any colour in neither raises ValueError."""
     code = lambda c: (c[..., 0].astype(np.int64) << 16) | (c[..., 1].astype(np.int64) << 8) | c[..., 2]
     table = {int(k): i for i, k in enumerate(code(palette))}
     keys, inverse = np.unique(code(rgb), return_inverse=True)
+    if ignored is not None:
+        unknown = sorted(set(keys.tolist()) - set(table) - set(code(ignored).tolist()))
+        if unknown:
+            shown = ", ".join(str((k >> 16, k >> 8 & 255, k & 255)) for k in unknown[:3])
+            raise ValueError(f"{len(unknown)} colour(s) that CamVid's colour coding does not use, such as "
+                             f"{shown}; expected its colours or single-channel class ids")
     ids = np.array([table.get(int(k), IGNORE_INDEX) for k in keys], np.uint8)
     return ids[inverse].reshape(rgb.shape[:2])
 

@@ -1,5 +1,6 @@
 """`gcnet eval`: mIoU with a per-class IoU table, whole-image inference at the dataset's
-evaluation size; `--deploy` scores the `reparam.fuse`d model instead.
+evaluation size; `--deploy` scores the `reparam.fuse`d model instead, `--tta` the release's
+test-time augmentation (six scales × horizontal flip, `tta_probabilities`).
 
     model, info = load_for_inference("runs/gcnet-demo/last.pt", deploy_form=True)
     result = evaluate(model, dataset_for(info["config"], "val"))
@@ -29,7 +30,7 @@ from .datasets import IGNORE_INDEX, VOC, CamVid, Cityscapes, voc_palette
 from .errors import CheckpointError
 from .model import GCNet
 from .presets import TrainConfig, config_from_dict, dataset_for
-from .transforms import eval_transform
+from .transforms import eval_transform, resize
 
 
 @dataclass(frozen=True)
@@ -71,16 +72,43 @@ def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-@torch.no_grad()
-def segment(model: nn.Module, image: torch.Tensor, size) -> torch.Tensor:
-    """Class per pixel at `size` = (H, W): image (3, h, w) normalized → (H, W) int64.
+# The release's multi-scale test (mmseg's TestTimeAug): these image ratios, each as is and flipped.
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
-    The eval-mode model gives logits at its input size; a label of another size gets the
-    logits resized bilinearly, as mmseg does before its argmax."""
+
+def _logits_at(model: nn.Module, image: torch.Tensor, size) -> torch.Tensor:
+    """image (3, h, w) normalized → logits (K, H, W) at `size`, resized bilinearly as mmseg does."""
     logits = model(image[None])
     if tuple(logits.shape[2:]) != tuple(size):
         logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-    return logits[0].argmax(0)
+    return logits[0]
+
+
+@torch.no_grad()
+def tta_probabilities(model: nn.Module, image: torch.Tensor, size, scales=TTA_SCALES,
+                      flip: bool = True) -> torch.Tensor:
+    """mmseg's TestTimeAug + SegTTAModel.merge_preds: for each ratio r the image is resized
+    (bilinear) to (⌊r·h + ½⌋, ⌊r·w + ½⌋), predicted as is and, with `flip`, flipped horizontally
+    (logits flipped back); each prediction's logits are resized to `size` and softmaxed; the result
+    is the mean of those probabilities. image (3, h, w) normalized → (K, H, W)."""
+    h, w = image.shape[1:]
+    probabilities = []
+    for r in scales:
+        scaled, _ = resize(image, None, (max(1, int(h * r + 0.5)), max(1, int(w * r + 0.5))))
+        probabilities.append(_logits_at(model, scaled, size).softmax(0))
+        if flip:
+            probabilities.append(_logits_at(model, scaled.flip(-1), size).flip(-1).softmax(0))
+    return torch.stack(probabilities).mean(0)
+
+
+@torch.no_grad()
+def segment(model: nn.Module, image: torch.Tensor, size, tta: bool = False) -> torch.Tensor:
+    """Class per pixel at `size` = (H, W): image (3, h, w) normalized → (H, W) int64.
+
+    The eval-mode model gives logits at its input size; a label of another size gets the
+    logits resized bilinearly, as mmseg does before its argmax. tta: the argmax of
+    `tta_probabilities` instead (12 forward passes)."""
+    return (tta_probabilities(model, image, size) if tta else _logits_at(model, image, size)).argmax(0)
 
 
 class _EvalSamples(Dataset):
@@ -99,23 +127,26 @@ def _single(batch):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, *, eval_size=None, device="cpu", workers: int = 0,
+def evaluate(model: nn.Module, dataset, *, eval_size=None, tta: bool = False, device="cpu", workers: int = 0,
              progress: bool = False, rank: int = 0, world_size: int = 1) -> EvalResult:
     """Confusion matrix of `model` over `dataset` (raw samples, see gcnet.datasets), one whole
     image at a time, resized to fit `eval_size` = (long, short) when given.
+
+    tta: the release's multi-scale + flip test (`tta_probabilities`); its scales multiply the image
+    as stored, as mmseg's TestTimeAug does, so `eval_size` is not used.
 
     With several processes, each scores the images rank, rank + world_size, ... and the
     matrices are summed, so every image counts exactly once. The model's mode is restored."""
     was_training = model.training
     model.eval()
     num_classes = len(dataset.classes)
-    samples = _EvalSamples(dataset, range(rank, len(dataset), world_size), eval_size)
+    samples = _EvalSamples(dataset, range(rank, len(dataset), world_size), None if tta else eval_size)
     loader = DataLoader(samples, batch_size=1, num_workers=workers, collate_fn=_single)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     # disable=None: tqdm turns itself off where stderr is not a terminal (a redirected log)
     for image, label in tqdm(loader, desc="eval", disable=None if progress else True, dynamic_ncols=True):
         label = label.to(device)
-        confusion += confusion_matrix(segment(model, image.to(device), label.shape), label, num_classes)
+        confusion += confusion_matrix(segment(model, image.to(device), label.shape, tta), label, num_classes)
     if world_size > 1:
         dist.all_reduce(confusion)
     model.train(was_training)
@@ -235,6 +266,8 @@ def register(subparsers) -> None:
     p.add_argument("--save-deploy", metavar="PATH", help="also write the deploy file (the fused weights, "
                    "reparam.save) that gcnet eval and predict load as is")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save-deploy file")
+    p.add_argument("--tta", action="store_true", help="the release's multi-scale test: image ratios "
+                   f"{', '.join(map(str, TTA_SCALES))}, each as is and flipped, softmax averaged (12 passes per image)")
     p.add_argument("--workers", type=int, default=2)
     add_inference_flags(p)
     p.set_defaults(func=main)
@@ -269,10 +302,11 @@ def main(args) -> int:
     config = replace(config, **{k: v for k, v in chosen.items() if v is not None})
     split = args.split or config.val_split
     dataset = dataset_for(config, split)
-    result = evaluate(model, dataset, eval_size=config.eval_size, device=args.device, workers=args.workers,
-                      progress=not args.quiet)
+    result = evaluate(model, dataset, eval_size=config.eval_size, tta=args.tta, device=args.device,
+                      workers=args.workers, progress=not args.quiet)
     deployed = args.deploy or deploy_metadata(args.checkpoint) is not None
     form = "deploy (reparam.fuse)" if deployed else "training form"
-    print(f"{args.checkpoint}, {form}, {config.dataset} {split} ({len(dataset)} images)")
+    test = ", multi-scale + flip (--tta)" if args.tta else ""
+    print(f"{args.checkpoint}, {form}{test}, {config.dataset} {split} ({len(dataset)} images)")
     print(result.table())
     return 0

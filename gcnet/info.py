@@ -16,6 +16,7 @@ import reparam
 from reparam.progress import Progress
 from reparam.report import stats_table
 
+from .config import N_PATHS_HELP
 from .model import FACTORIES
 
 # Table 3 (params, GMACs at 1024×2048) and what the structure in GCNET.md counts exactly
@@ -64,5 +65,5 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="parameters and GMACs of the training and deploy forms")
     p.add_argument("--variant", nargs="+", choices=sorted(FACTORIES), default=["s"])
     p.add_argument("--size", nargs=2, type=int, default=[1024, 2048], metavar=("H", "W"))
-    p.add_argument("--n-paths", type=int, default=2, help="Path3x3_1x1 per GCBlock")
+    p.add_argument("--n-paths", type=int, default=2, help=N_PATHS_HELP)
     p.set_defaults(func=_command)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from .config import N_PATHS_HELP
 from .datasets import DATASETS, build_dataset
 from .errors import ConfigError
 
@@ -31,7 +32,7 @@ class TrainConfig:
     val_split: str = "val"
     num_classes: int | None = None            # folder datasets without a classes.txt
     variant: str = "s"                        # GCNet-S/M/L
-    n_paths: int = 2                          # Path3x3_1x1 per GCBlock
+    n_paths: int = 2                          # Path3x3_1x1 per GCBlock (N_PATHS_HELP: which N reaches which mIoU)
     init_from: str | None = None              # checkpoint to start from (CamVid, VOC: Cityscapes weights)
     init_required: bool = False               # refuse to start from random weights (CamVid, VOC)
     crop_size: tuple[int, int] = (1024, 1024)  # (h, w)
@@ -51,7 +52,7 @@ class TrainConfig:
     class_weight: tuple[float, ...] | None = None  # per class, for both losses (Cityscapes: the release's)
     aux_weight: float = 0.4
     amp: bool = False
-    sync_bn: bool = True                      # with several GPUs: BN statistics over all of them (SyncBN)
+    sync_bn: bool = False                     # with several GPUs: BN statistics over all of them (SyncBN)
     workers: int = 4                          # data-loading processes per training process
     seed: int = 0
     deterministic: bool = False               # torch.use_deterministic_algorithms (slower on GPU)
@@ -113,18 +114,21 @@ _RULES = (  # (field, test, what the flag must be)
 CITYSCAPES_CLASS_WEIGHT = (0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
                            0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507)
 
+# BN as each release config's norm_cfg: plain BN (per-GPU statistics) for Cityscapes and CamVid,
+# SyncBN for VOC only.
 PRESETS = {
     "cityscapes": TrainConfig(dataset="cityscapes", crop_size=(1024, 1024), base_size=(2048, 1024),
                               batch_size=12, iters=120_000, lr=0.01, class_weight=CITYSCAPES_CLASS_WEIGHT,
                               out_dir="runs/gcnet-cityscapes"),
     # CamVid as the release's config: train/ only (the paper says train+val), test/ for evaluation,
-    # fine-tuned from Cityscapes weights.
+    # fine-tuned from Cityscapes weights. Its crop_size = (960, 720) is (H, W) in mmseg: 960-high,
+    # 720-wide crops of the 720×960 frames (the paper's text says 720×960).
     "camvid": TrainConfig(dataset="camvid", train_splits=("train",), val_split="test",
-                          crop_size=(720, 960), base_size=(960, 720), batch_size=12, iters=7_800,
+                          crop_size=(960, 720), base_size=(960, 720), batch_size=12, iters=7_800,
                           lr=0.001, init_required=True, out_dir="runs/gcnet-camvid"),
     "voc": TrainConfig(dataset="voc", crop_size=(512, 512), base_size=(2048, 512),
                        eval_size=(2048, 512), batch_size=16, iters=24_400, lr=0.001, init_required=True,
-                       out_dir="runs/gcnet-voc"),
+                       sync_bn=True, out_dir="runs/gcnet-voc"),
     # min_kept per batch of 8 (the 32,768 per image it was before counting per call)
     "folder": TrainConfig(dataset="folder", crop_size=(512, 512), batch_size=8, iters=20_000,
                           lr=0.01, min_kept=262_144, out_dir="runs/gcnet-folder"),
@@ -219,6 +223,9 @@ def config_from_dict(data: dict) -> TrainConfig:
     return TrainConfig(**{k: coerce(k, v) for k, v in data.items() if k in known})
 
 
+FLAG_HELP = {"n_paths": N_PATHS_HELP}  # the flags whose value a user must choose knowingly
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per TrainConfig field. Unset flags stay out of the namespace, so they never
     override a preset or config file."""
@@ -226,14 +233,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         kind = _base_type(_hints()[f.name])
         flag = "--" + f.name.replace("_", "-")
+        helps = {"help": FLAG_HELP[f.name]} if f.name in FLAG_HELP else {}
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, **helps)
         elif typing.get_origin(kind) is tuple:
             args = typing.get_args(kind)
             nargs = "+" if args[-1] is Ellipsis else len(args)
-            group.add_argument(flag, nargs=nargs, type=args[0], default=argparse.SUPPRESS, metavar=f.name.upper())
+            group.add_argument(flag, nargs=nargs, type=args[0], default=argparse.SUPPRESS, metavar=f.name.upper(),
+                               **helps)
         else:
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, **helps)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

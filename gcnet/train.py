@@ -2,7 +2,7 @@
 checkpoints and exact resume; several GPUs through `torchrun` (DistributedDataParallel).
 
     path = train(make_config("demo"))                  # → runs/gcnet-demo/last.pt
-    torchrun --nproc-per-node 4 -m gcnet train --dataset cityscapes --data-root data/cityscapes   # SyncBN
+    torchrun --nproc-per-node 4 -m gcnet train --dataset cityscapes --data-root data/cityscapes   # DDP, plain BN (voc: SyncBN)
 
 Exact resume: the data a step sees is a function of (seed, sample number) alone (`TrainSamples`),
 and a checkpoint holds everything else that changes during training (weights, BN statistics,
@@ -226,8 +226,9 @@ def criterion_for(config: TrainConfig) -> GCNetLoss:
 
 
 def with_sync_bn(model: nn.Module, world: int, device: torch.device) -> nn.Module:
-    """The release trains on several GPUs with SyncBN: BN statistics over the whole batch, not
-    each GPU's share. torch's SyncBatchNorm runs on CUDA only: other devices keep per-process BN."""
+    """SyncBN (BN statistics over the whole batch, not each GPU's share) when `world` > 1; the
+    recipe's `sync_bn` decides (the release: VOC only). torch's SyncBatchNorm runs on CUDA only:
+    other devices keep per-process BN."""
     if world == 1:
         return model
     if device.type != "cuda":

@@ -159,3 +159,23 @@ def test_eval_resizes_the_image_and_keeps_the_label_size():
     img, lbl = eval_transform(image, np.zeros((375, 500), np.uint8), eval_size=(2048, 512))
     assert img.shape == (3, 512, 683) and lbl.shape == (375, 500)
     assert torch.allclose(img[:, 0, 0], -torch.tensor([123.675 / 58.395, 116.28 / 57.12, 103.53 / 57.375]))
+
+
+def test_camvid_reads_single_channel_ids_and_rgb_colours_and_refuses_anything_else(tmp_path):
+    root = make_layout("camvid", tmp_path, n=1, size=(4, 6))
+    label_file = root / "train_labels" / "train0_L.png"
+    ids = np.array([[0, 6, 10, 255, 9, 1]] * 4, np.uint8)
+    palette = np.array([c for _, c in CAMVID_CLASSES], np.uint8)
+    void_and_animal = np.array([[0, 0, 0], [64, 128, 64]], np.uint8)  # CamVid colours of no training class
+    for name, saved in [("single-channel ids (as the release reads them)", ids),
+                        ("RGB colours", np.where(ids[..., None] == 255, void_and_animal[0], palette[ids.clip(max=10)]))]:
+        _save(saved, label_file)
+        assert build_dataset("camvid", root, "train")[0][1].tolist() == ids.tolist(), name
+    _save(ids, label_file, palette=np.zeros((256, 3), np.uint8))  # a palette PNG: its indices are the ids
+    assert build_dataset("camvid", root, "train")[0][1].tolist() == ids.tolist()
+    for bad in (np.where(ids == 6, 11, ids).astype(np.uint8),  # id 11: not a CamVid class (SegNet's void)
+                np.full((4, 6, 3), (1, 2, 3), np.uint8)):       # a colour CamVid does not use
+        _save(bad, label_file)
+        with pytest.raises(ValueError, match=f"^{label_file}: ") as error:
+            build_dataset("camvid", root, "train")[0]
+        assert "\n" not in str(error.value)

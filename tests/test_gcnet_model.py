@@ -111,11 +111,12 @@ def test_deploy_counts_match_table_3(variant):
     assert deploy.params == pytest.approx(paper_params, rel=0.03)
     assert deploy.macs / 1e9 == pytest.approx(paper_gmacs, rel=0.03)
     assert training.params > 2 * deploy.params and training.macs > 2 * deploy.macs
-    # the release's timed form (its own conversion + conv-BN fusion) counts the same, but for
-    # the head's BN, which reparam folds into three convs (fold_into_sum)
+    # the release's timed form (its own conversion + order-based conv-BN fuser) counts the same, but
+    # for the head's BN, which reparam folds into three convs (fold_into_sum), and the 4 BNs before
+    # DAPPM's P → P process convs, which the release folds into P-wide biases (2P parameters → P each)
     release = count_on_meta(release_timed_form(model), (1024, 2048))
-    head_bn = 2 * model.head.bn.num_features
-    assert (release.params - head_bn, release.macs) == (deploy.params, deploy.macs)
+    head_bn, ppm = 2 * model.head.bn.num_features, model.config.ppm_channels
+    assert (release.params - head_bn + 4 * ppm, release.macs) == (deploy.params, deploy.macs)
 
 
 @pytest.mark.parametrize("factory", [gcnet_s, gcnet_m, gcnet_l])

@@ -155,9 +155,15 @@ def test_photometric_distortion_in_all_three_release_recipes():
     assert sum(not torch.equal(transform(seed, True), transform(seed, False)) for seed in range(16)) >= 12
 
 
-def test_camvid_trains_on_train_only_and_tests_on_test_at_720x960():
+def test_camvid_trains_on_train_only_and_tests_on_test_with_960_high_crops():
     config = PRESETS["camvid"]
-    assert (config.train_splits, config.val_split, config.crop_size) == (("train",), "test", (720, 960))
+    # the release's crop_size = (960, 720) is (H, W) in mmseg: 960 high, 720 wide (the paper: 720x960)
+    assert (config.train_splits, config.val_split, config.crop_size) == (("train",), "test", (960, 720))
+    image, label = np.zeros((720, 960, 3), np.uint8), np.arange(720 * 960).reshape(720, 960) % 11
+    img, lbl = train_transform(image, label.astype(np.uint8), np.random.default_rng(0), config.crop_size,
+                               (1.0, 1.0), photometric=False)
+    assert img.shape == (3, 960, 720) and lbl.shape == (960, 720)
+    assert (lbl[720:] == 255).all() and (lbl[:720] != 255).all()  # 720 rows of image, padded to 960
 
 
 def test_sync_bn_on_several_gpus():
@@ -167,7 +173,13 @@ def test_sync_bn_on_several_gpus():
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == bns
     assert with_sync_bn(model, 1, torch.device("cuda")) is model
     assert with_sync_bn(model, 2, torch.device("cpu")) is model  # SyncBatchNorm runs on CUDA only
-    assert PRESETS["cityscapes"].sync_bn
+
+
+def test_bn_sync_per_dataset_as_the_release_configs():
+    # the release's norm_cfg: plain BN for Cityscapes and CamVid, SyncBN for VOC only
+    assert {name: PRESETS[name].sync_bn for name in ("cityscapes", "camvid", "voc")} == \
+        {"cityscapes": False, "camvid": False, "voc": True}
+    assert make_config("cityscapes", overrides={"sync_bn": True}).sync_bn  # --sync-bn opts in
 
 
 @pytest.mark.parametrize("dataset", ["camvid", "voc"])

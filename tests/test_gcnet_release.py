@@ -55,3 +55,15 @@ def test_eval_output_is_the_release_logits_resized():
     x = REFERENCE["input"]
     expected = F.interpolate(REFERENCE["logits"], size=x.shape[2:], mode="bilinear", align_corners=False)
     assert rel_error(expected, model(x)) <= 1e-5
+
+
+@torch.no_grad()
+def test_bench_release_form_is_what_the_release_times_and_not_exact():
+    """The release's speed script: switch_to_deploy() plus its order-based conv-BN fuser, which
+    also folds the BNs before DAPPM's 4 process convs: 50 convs and 8 BNs (the exact form: 11)."""
+    from gcnet._release import release_timed_form
+    x = REFERENCE["input"]
+    timed = release_timed_form(fixture_model("train"))
+    counts = reparam.count(timed, (x,))
+    assert (counts.convs, counts.bns) == (50, 8)
+    assert rel_error(REFERENCE["logits"], timed(x)) > 0.1  # another function than the release's model
