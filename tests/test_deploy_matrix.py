@@ -19,7 +19,7 @@ from examples.blocks import RepVGGBlock  # noqa: E402
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 _spec = importlib.util.spec_from_file_location("deploy_matrix", ROOT / "benchmarks" / "deploy_matrix.py")
-dm = importlib.util.module_from_spec(_spec)
+dm = sys.modules["deploy_matrix"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
 _spec.loader.exec_module(dm)
 
 # torch.compile of this model (two forms, Inductor with freezing) takes about 30 s on two cores
