@@ -302,6 +302,9 @@ class _Sampler:
 def profile_phases(name: str, mode: str, size: int) -> str:
     """Seconds per phase of one `reparam.fuse`, two ways, from one run:
 
+    Both are CPU seconds of the process (cProfile runs on `time.process_time`; the samples, taken
+    in wall time, are scaled to the CPU total), as a shared machine inflates wall time.
+
     - inclusive (cProfile): for each phase, the cumulative time of the calls into its functions
       from functions outside it (the caller→callee edges of pstats), so a phase's function
       calling another of the same phase is not counted twice. Phases nest, so these overlap and
@@ -309,7 +312,7 @@ def profile_phases(name: str, mode: str, size: int) -> str:
       inside it) and runs the model (whole-model check inside it); tracing recompiles.
     - innermost (sampling, every 20 ms, alongside cProfile): the share of samples whose innermost
       phase frame is that phase (ops/algebra count as rules only where no other phase is on the
-      stack), times the wall time. These add up to the total with `other` (engine loop,
+      stack), times the CPU total. These add up to the total with `other` (engine loop,
       fuse's own code, counting forwards, the deep copy).
     cProfile slows Python-heavy phases more than tensor-heavy ones; both columns carry that."""
     import cProfile
@@ -319,7 +322,7 @@ def profile_phases(name: str, mode: str, size: int) -> str:
     torch.set_num_threads(1)
     model, x, _ = build(name, size)
     inputs = (x,) if mode == "given" else None
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.process_time)  # CPU seconds: the machine may be shared
     with _Sampler(threading.get_ident()) as sampler:
         t0, c0 = time.perf_counter(), time.process_time()
         prof.enable()
@@ -341,8 +344,8 @@ def profile_phases(name: str, mode: str, size: int) -> str:
              "", "| phase | inclusive s (cProfile) | innermost s (sampled) |", "|---|---|---|"]
     for p in PHASES + ["other"]:
         inc = f"{inclusive[p]:.2f}" if p in inclusive else ""
-        lines.append(f"| {p} | {inc} | {wall * sampler.counts.get(p, 0) / total:.2f} |")
-    lines.append(f"| total | {wall:.2f} | {wall:.2f} |")
+        lines.append(f"| {p} | {inc} | {cpu * sampler.counts.get(p, 0) / total:.2f} |")
+    lines.append(f"| total (CPU) | {cpu:.2f} | {cpu:.2f} |")
     return "\n".join(lines)
 
 
