@@ -322,7 +322,7 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
     report.skipped += skipped
     report.unchecked += [f"{prefix}{u}" for u in outcome.unchecked]
     report.faults += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.faults]
-    if not outcome.applied and not _has_hooked(gm):
+    if not outcome.applied and not _has_hooked(gm) and not _folded(gm, path, report):
         return module  # nothing merged: the module itself is exact, and keeps its class
     if getattr(gm, "reparam_static", None):
         shapes = ", ".join("(" + ", ".join(map(str, s)) + ")" for s in gm.reparam_static)
@@ -336,6 +336,16 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
             setattr(gm, name, value)
     _fuse_hooked(gm, prefix, report, ratio, budget)
     return gm
+
+
+def _folded(gm: fx.GraphModule, path: str, report: Report) -> bool:
+    """The trace computed convs on parameters alone once (a kernel built in forward), which the
+    module computes at every call: the graph is the better module even with no rewrite."""
+    n = getattr(gm, "reparam_folded", 0)
+    if n:
+        report.notes.append(f"'{path or '<root>'}' computes {n} conv(s) from parameters alone in forward: "
+                            "computed once, at trace time")
+    return bool(n)
 
 
 def _within(path: str, scopes) -> bool:

@@ -271,6 +271,157 @@ def test_ecbsr_seqconv_1x1_3x3_fuses_to_one_conv(inp, out, multiplier, with_inpu
     assert ops(fused, x)[0] == 1, f"expected 1 conv, got {ops(fused, x)}\n{report}"
 
 
+# ---- ECBSR's ECB: four SeqConv3x3 types, identity, PReLU; deploy form built in forward ----
+
+SOBEL_X = [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
+SOBEL_Y = [[1, 2, 1], [0, 0, 0], [-1, -2, -1]]
+LAPLACIAN = [[0, 1, 0], [1, -4, 1], [0, 1, 0]]
+
+
+class EdgeSeqConv3x3(SeqConv3x3):
+    """SeqConv3x3 of every `seq_type`: 'conv1x1-conv3x3' (the parent's), or 'conv1x1-sobelx' /
+    '-sobely' / '-laplacian': a 1×1 conv, the bias padding, then a fixed per-channel edge mask
+    times a learnt scale, as a depthwise conv (`groups=out_planes`). `rep_params` is the authors'
+    converter: the one 3×3 kernel and bias, built from the parameters with convs."""
+
+    def __init__(self, seq_type, inp_planes, out_planes, depth_multiplier=1):
+        if seq_type == "conv1x1-conv3x3":
+            super().__init__(inp_planes, out_planes, depth_multiplier)
+        else:
+            nn.Module.__init__(self)
+            conv0 = nn.Conv2d(inp_planes, out_planes, kernel_size=1, padding=0)
+            self.k0, self.b0 = conv0.weight, conv0.bias
+            self.scale = nn.Parameter(torch.randn(out_planes, 1, 1, 1) * 1e-3)
+            self.bias = nn.Parameter(torch.randn(out_planes) * 1e-3)
+            taps = {"conv1x1-sobelx": SOBEL_X, "conv1x1-sobely": SOBEL_Y, "conv1x1-laplacian": LAPLACIAN}[seq_type]
+            self.mask = torch.zeros((out_planes, 1, 3, 3), dtype=torch.float32)
+            for i in range(out_planes):
+                self.mask[i, 0] = torch.tensor(taps, dtype=torch.float32)
+            self.mask = nn.Parameter(data=self.mask, requires_grad=False)
+        self.type, self.out_planes = seq_type, out_planes
+
+    def forward(self, x):
+        if self.type == "conv1x1-conv3x3":
+            return super().forward(x)
+        y0 = F.conv2d(input=x, weight=self.k0, bias=self.b0, stride=1)
+        y0 = F.pad(y0, (1, 1, 1, 1), "constant", 0)
+        b0_pad = self.b0.view(1, -1, 1, 1)
+        y0[:, :, 0:1, :] = b0_pad
+        y0[:, :, -1:, :] = b0_pad
+        y0[:, :, :, 0:1] = b0_pad
+        y0[:, :, :, -1:] = b0_pad
+        return F.conv2d(input=y0, weight=self.scale * self.mask, bias=self.bias, stride=1, groups=self.out_planes)
+
+    def rep_params(self):
+        if self.type == "conv1x1-conv3x3":
+            k1, b1, mid = self.k1, self.b1, self.mid_planes
+        else:
+            tmp = self.scale * self.mask
+            k1 = torch.zeros((self.out_planes, self.out_planes, 3, 3), dtype=tmp.dtype)
+            for i in range(self.out_planes):
+                k1[i, i, :, :] = tmp[i, 0, :, :]
+            b1, mid = self.bias, self.out_planes
+        RK = F.conv2d(input=k1, weight=self.k0.permute(1, 0, 2, 3))
+        RB = torch.ones(1, mid, 3, 3, dtype=k1.dtype) * self.b0.view(1, -1, 1, 1)
+        RB = F.conv2d(input=RB, weight=k1).view(-1,) + b1
+        return RK, RB
+
+
+class ECB(nn.Module):
+    """The edge-oriented conv block: 3×3 + conv1x1-conv3x3 + Sobel x + Sobel y + Laplacian
+    (+ the input when `with_idt`), then PReLU. As the authors write it, eval mode runs the
+    deploy form: one conv with the kernel `rep_params()` builds at every call."""
+
+    def __init__(self, inp_planes, out_planes, depth_multiplier, with_idt=False):
+        super().__init__()
+        self.out_planes = out_planes
+        self.with_idt = with_idt and inp_planes == out_planes
+        self.conv3x3 = nn.Conv2d(inp_planes, out_planes, kernel_size=3, padding=1)
+        self.conv1x1_3x3 = EdgeSeqConv3x3("conv1x1-conv3x3", inp_planes, out_planes, depth_multiplier)
+        self.conv1x1_sbx = EdgeSeqConv3x3("conv1x1-sobelx", inp_planes, out_planes, -1)
+        self.conv1x1_sby = EdgeSeqConv3x3("conv1x1-sobely", inp_planes, out_planes, -1)
+        self.conv1x1_lpl = EdgeSeqConv3x3("conv1x1-laplacian", inp_planes, out_planes, -1)
+        self.act = nn.PReLU(num_parameters=out_planes)
+
+    def forward(self, x):
+        if self.training:
+            y = self.conv3x3(x) + self.conv1x1_3x3(x) + self.conv1x1_sbx(x) + self.conv1x1_sby(x) + \
+                self.conv1x1_lpl(x)
+            if self.with_idt:
+                y += x
+        else:
+            RK, RB = self.rep_params()
+            y = F.conv2d(input=x, weight=RK, bias=RB, stride=1, padding=1)
+        return self.act(y)
+
+    def rep_params(self):
+        K0, B0 = self.conv3x3.weight, self.conv3x3.bias
+        K1, B1 = self.conv1x1_3x3.rep_params()
+        K2, B2 = self.conv1x1_sbx.rep_params()
+        K3, B3 = self.conv1x1_sby.rep_params()
+        K4, B4 = self.conv1x1_lpl.rep_params()
+        RK, RB = (K0 + K1 + K2 + K3 + K4), (B0 + B1 + B2 + B3 + B4)
+        if self.with_idt:
+            K_idt = torch.zeros(self.out_planes, self.out_planes, 3, 3, dtype=RK.dtype)
+            for i in range(self.out_planes):
+                K_idt[i, i, 1, 1] = 1.0
+            RK, RB = RK + K_idt, RB + 0.0
+        return RK, RB
+
+
+class ECBTrainingForm(ECB):
+    """The same block whose eval-mode function is its training form (the five branches)."""
+
+    def forward(self, x):
+        y = self.conv3x3(x) + self.conv1x1_3x3(x) + self.conv1x1_sbx(x) + self.conv1x1_sby(x) + self.conv1x1_lpl(x)
+        if self.with_idt:
+            y += x
+        return self.act(y)
+
+
+class SizedParent(nn.Module):
+    """A parent fx cannot trace (an `if` on a size): with example inputs, torch.export's graph."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        if x.shape[-1] > 1:
+            x = x * 1.0
+        return self.block(x)
+
+
+ECB_FORMS = {"deploy": lambda: ECB(4, 4, 2, with_idt=True), "training": lambda: ECBTrainingForm(4, 4, 2, with_idt=True),
+             "deploy-in-untraceable-parent": lambda: SizedParent(ECB(4, 4, 2, with_idt=True))}
+
+
+@WITH_INPUTS
+@pytest.mark.parametrize("form", list(ECB_FORMS))
+def test_ecbsr_ecb_fuses_to_one_conv(form, with_inputs):
+    """Five branches, identity and an eval mode that builds its kernel from parameters at every
+    call (8 convs): one 3×3 conv then PReLU, with example inputs as without them."""
+    model = seeded(ECB_FORMS[form]())
+    x = x_(2, 4, 7, 9)
+    fused, report = fuse(model, x, with_inputs)
+    assert_same(model, fused, x, report)
+    assert ops(fused, x)[0] == 1, f"expected 1 conv, got {ops(fused, x)}\n{report}"
+    assert report.after.convs == 1, str(report)
+
+
+@pytest.mark.parametrize("seq_type", ["conv1x1-sobelx", "conv1x1-sobely", "conv1x1-laplacian"])
+def test_ecbsr_edge_seqconv_fuses_alike_with_and_without_inputs(seq_type):
+    """A 1×1 then a depthwise edge filter: one dense 3×3 conv costs more MACs, so it merges
+    only with `max_macs_ratio=inf`; either way example inputs change nothing."""
+    model = seeded(EdgeSeqConv3x3(seq_type, 4, 4))
+    x = x_(2, 4, 7, 9)
+    for ratio, want in ((1.0, 2), (math.inf, 1)):
+        for with_inputs in (True, False):
+            fused, report = fuse(model, x, with_inputs, max_macs_ratio=ratio)
+            assert_same(model, fused, x, report)
+            assert ops(fused, x)[0] == want == report.after.convs, f"ratio {ratio}: {ops(fused, x)}\n{report}"
+
+
 # ---- squeeze-excite that pools with the input's size ----
 
 class SEBlock(nn.Module):
