@@ -144,6 +144,7 @@ def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     gm = ep.module()
     for m in gm.modules():  # traced in eval mode; its .eval() refuses to run, so say it directly
         m.training = False
+    _drop_assertions(gm)
     _canonical_batch_norm(gm)
     for n in gm.graph.nodes:
         if mutation.written(n, {}) is not None and not _copy_at_end(n):
@@ -151,6 +152,17 @@ def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     gm.reparam_guards = _guards_failed(gm, inputs, ep.range_constraints)
     gm.reparam_static = _static_sizes(gm, ep.range_constraints, bool(gm.reparam_guards))
     return gm
+
+
+def _drop_assertions(gm: fx.GraphModule):
+    """Erase export's own checks (`_assert_tensor_metadata`, `_assert_scalar`,
+    `sym_constrain_range`, ...): they read a value without using it, so rules would count them as
+    readers (a conv "also used elsewhere" keeps its BN); they only check what the trace saw."""
+    for n in reversed(list(gm.graph.nodes)):
+        name = n.target._overloadpacket.__name__ if isinstance(n.target, torch._ops.OpOverload) else ""
+        if n.op == "call_function" and not n.users and \
+                (name.startswith(("_assert_", "sym_constrain_range")) or name == "_functional_assert_async"):
+            gm.graph.erase_node(n)
 
 
 def _copy_at_end(node: fx.Node) -> bool:

@@ -953,3 +953,22 @@ def test_model_that_writes_its_input(with_inputs):
         model(original)
         fused(fused_input)
     assert torch.allclose(original, x - 0.5) and torch.equal(original, fused_input)
+
+
+# ---- torch.export's own checks are no readers: peft LoRA on a torchvision ResNet-18 ----
+
+def test_peft_lora_resnet_folds_every_bn_with_example_inputs():
+    """peft's LoRA forwards (`*args, **kwargs`, a loop over adapters) need torch.export; its graph's
+    `_assert_tensor_metadata` nodes read each conv's output without using it, and must not keep
+    the BN after it unfolded. As many BNs left as merging the adapters first (none)."""
+    peft = pytest.importorskip("peft")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torchvision.models.resnet18(num_classes=10),
+                                peft.LoraConfig(r=4, target_modules=["conv1", "conv2"]))
+    model = seeded(model)  # every weight random: LoRA's B (zero at first) too
+    x = x_(1, 3, 64, 64)
+    fused, report = fuse(model, x, True)
+    assert_same(model, fused, x, report)
+    merged = reparam.fuse(model.merge_and_unload(), (x.clone(),))
+    assert ops(fused, x)[1] <= ops(merged, x)[1] == 0, f"{ops(fused, x)} vs merged {ops(merged, x)}\n{report}"
