@@ -296,6 +296,8 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
         if not list(module.children()) or not any(s.startswith(prefix) for s in scopes):
             return module  # nothing merges in here
         return _fuse_children(module, inputs, path, report, ratio, scopes, budget)
+    if _torch_layer(module):
+        return module  # nothing inside to merge (and BatchNorm1d's input check refuses a tracer)
     gm, errors = trace.trace(module, fresh(inputs))
     if gm is None:
         report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
@@ -346,6 +348,12 @@ def _folded(gm: fx.GraphModule, path: str, report: Report) -> bool:
         report.notes.append(f"'{path or '<root>'}' computes {n} conv(s) from parameters alone in forward: "
                             "computed once, at trace time")
     return bool(n)
+
+
+def _torch_layer(module: nn.Module) -> bool:
+    """One of torch's own layers with no children (BatchNorm1d, Conv2d, ReLU...): fx's tracer
+    treats it as a leaf wherever it appears; so does `fuse`, at the root too."""
+    return type(module).__module__.startswith(("torch.nn.", "torch.ao.nn.")) and not module._modules
 
 
 def _within(path: str, scopes) -> bool:

@@ -972,3 +972,31 @@ def test_peft_lora_resnet_folds_every_bn_with_example_inputs():
     assert_same(model, fused, x, report)
     merged = reparam.fuse(model.merge_and_unload(), (x.clone(),))
     assert ops(fused, x)[1] <= ops(merged, x)[1] == 0, f"{ops(fused, x)} vs merged {ops(merged, x)}\n{report}"
+
+
+# ---- torch's own layers are leaves, at the root too ----
+
+class ValueIf(nn.Module):
+    """A parent no tracer takes (an `if` on a value) around a conv and a BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.bn(self.conv(x))
+
+
+@WITH_INPUTS
+@pytest.mark.parametrize("make, shape", [(lambda: nn.BatchNorm1d(4), (3, 4)), (ValueIf, (2, 4, 5))],
+                         ids=["root", "child-of-untraceable"])
+def test_torch_norm_layer_is_a_leaf_not_untraced(make, shape, with_inputs):
+    """BatchNorm1d's `_check_input_dim` refuses a tracer's Proxy: traced as a root it failed and
+    was reported untraced; it is one of torch's layers, with nothing inside to merge."""
+    model, x = seeded(make()), x_(*shape)
+    fused, report = fuse(model, x, with_inputs)
+    assert_same(model, fused, x, report)
+    paths = [u.path for u in report.untraced]  # ValueIf itself is untraceable, its BN is not
+    assert "bn" not in paths and (make is ValueIf or not paths), str(report)
