@@ -52,13 +52,18 @@ def has_hooks(m: nn.Module) -> bool:
 
 
 class ConcreteParamTracer(fx.Tracer):
-    """Parameters and buffers read in `forward` are real tensors, not proxies."""
+    """Parameters and buffers read in `forward` are real tensors, not proxies (`concrete=False`:
+    proxies, as plain fx traces them)."""
+
+    def __init__(self, concrete: bool = True):
+        super().__init__()
+        self.concrete = concrete
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
-        return attr_val
+        return attr_val if self.concrete else super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def trace(self, root, concrete_args=None):
         self._names = None
@@ -93,14 +98,16 @@ def _none_defaults(model: nn.Module, given: int) -> dict:
             if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def symbolic(model: nn.Module, given: int = 1, recompile: bool = True) -> fx.GraphModule:
+def symbolic(model: nn.Module, given: int = 1, recompile: bool = True, concrete: bool = True) -> fx.GraphModule:
     """`model` traced by fx and made mutation-free; `recompile=False` leaves the code stale
-    for a caller that only reads the graph (the engine recompiles when it is done)."""
-    tracer = ConcreteParamTracer()
+    for a caller that only reads the graph (the engine recompiles when it is done);
+    `concrete=False`: as plain fx traces, parameters as get_attr proxies (fold_constants folds
+    what they compute) and every argument a placeholder."""
+    tracer = ConcreteParamTracer(concrete)
     tensors = [*model.parameters(), *model.buffers()]
     versions = [t._version for t in tensors]
     with torch.no_grad(), _OpCounter() as ran:  # only ops on concrete tensors reach the counter
-        graph = tracer.trace(model, concrete_args=_none_defaults(model, given) or None)
+        graph = tracer.trace(model, concrete_args=(concrete and _none_defaults(model, given)) or None)
     for t, v in zip(tensors, versions):
         if t._version != v:  # a write into a concrete parameter ran once, at trace time
             raise mutation.Refused("forward writes one of the model's parameters or buffers in place")
@@ -111,6 +118,21 @@ def symbolic(model: nn.Module, given: int = 1, recompile: bool = True) -> fx.Gra
     if mutation.functionalize(gm) and recompile:
         gm.recompile()
     return gm
+
+
+def _symbolic_either(model: nn.Module, given: int) -> fx.GraphModule:
+    """`symbolic` with concrete parameters, else with parameters as proxies, as plain fx traces
+    them: `self.cls_token.expand(x.shape[0], -1, -1)` (timm's ViT) takes no Proxy size on a real
+    tensor. The first failure is the one raised."""
+    try:
+        return symbolic(model, given, recompile=False)
+    except mutation.Refused:
+        raise  # aliasing, not the tracer: proxies would not settle it
+    except Exception as e:
+        try:
+            return symbolic(model, given, recompile=False, concrete=False)
+        except Exception:
+            raise e from None
 
 
 @contextlib.contextmanager
@@ -254,7 +276,7 @@ def trace(model: nn.Module, example_inputs=None) -> tuple[fx.GraphModule | None,
     errors = []
     try:
         given = len(example_inputs) if example_inputs is not None else 1
-        return symbolic(model, given, recompile=False).eval(), []
+        return _symbolic_either(model, given).eval(), []
     except Exception as e:  # any tracer failure means: try the next front end
         errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
     if example_inputs is not None:

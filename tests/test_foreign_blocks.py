@@ -1000,3 +1000,41 @@ def test_torch_norm_layer_is_a_leaf_not_untraced(make, shape, with_inputs):
     assert_same(model, fused, x, report)
     paths = [u.path for u in report.untraced]  # ValueIf itself is untraceable, its BN is not
     assert "bn" not in paths and (make is ValueIf or not paths), str(report)
+
+
+# ---- a parameter with a traced size: timm ViT's `self.cls_token.expand(B, -1, -1)` ----
+
+class TinyViT(nn.Module):
+    """Patch embedding (conv, BN), a class token expanded to the batch read from the input,
+    position embedding, a Linear head on the class token: timm's `_pos_embed` idiom."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4, bias=False)
+        self.norm = nn.BatchNorm2d(dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.norm(self.patch(x)).flatten(2).transpose(1, 2)
+        B = x.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
+        return self.head(x[:, 0])
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1)
+
+
+@pytest.mark.parametrize("make", [TinyViT, _timm_vit], ids=["tiny", "timm"])
+def test_parameter_expanded_to_a_traced_size_is_traced(make):
+    """With parameters concrete, `param.expand(proxy, -1, -1)` raises (a real tensor takes no Proxy
+    size); plain fx traces it, and so must `fuse`: parameters as proxies when concrete fails."""
+    model, x = seeded(make()), x_(2, 3, 8, 8) if make is TinyViT else x_(2, 3, 16, 16)
+    fused, report = fuse(model, x, False)
+    assert_same(model, fused, x, report)
+    assert not report.untraced, str(report)
+    if make is TinyViT:
+        assert ops(fused, x) == (2, 0), f"conv→BN folded: {ops(fused, x)}\n{report}"
