@@ -465,6 +465,10 @@ def _postcondition(original: nn.Module, fused: nn.Module, inputs):
             raise InternalError(f"reparam: internal error: the fused model's '{name}' is {t.dtype} on "
                                 f"{t.device}, which the model never had — please report")
     for m in fused.modules():
+        for name, value in vars(m).items():  # a forward's `self.mean = ...` run by a tracer
+            if isinstance(value, fx.Proxy):
+                raise InternalError(f"reparam: internal error: the fused model's attribute '{name}' is a "
+                                    "tracer's Proxy — please report")
         if isinstance(m, fx.GraphModule):
             for n in m.graph.nodes:
                 try:

@@ -106,18 +106,42 @@ def symbolic(model: nn.Module, given: int = 1, recompile: bool = True, concrete:
     tracer = ConcreteParamTracer(concrete)
     tensors = [*model.parameters(), *model.buffers()]
     versions = [t._version for t in tensors]
-    with torch.no_grad(), _OpCounter() as ran:  # only ops on concrete tensors reach the counter
-        graph = tracer.trace(model, concrete_args=(concrete and _none_defaults(model, given)) or None)
+    with _unchanged(model):
+        with torch.no_grad(), _OpCounter() as ran:  # only ops on concrete tensors reach the counter
+            graph = tracer.trace(model, concrete_args=(concrete and _none_defaults(model, given)) or None)
+        # the constants fx stored on the root (`_tensor_constant<i>`), for the GraphModule to copy
+        constants = {k: v for k, v in vars(model).items() if k.startswith("_tensor_constant")}
     for t, v in zip(tensors, versions):
         if t._version != v:  # a write into a concrete parameter ran once, at trace time
             raise mutation.Refused("forward writes one of the model's parameters or buffers in place")
-    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    with _unchanged(model):
+        vars(model).update(constants)
+        gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    gm.graph.lint()  # a graph that reads an attribute it lacks is a failed trace, not a result
     # convs that forward runs on parameters alone (ECBSR's `rep_params()` in eval mode), computed
     # once here: the graph runs that many fewer at every call than the module
     gm.reparam_folded = ran.convs
     if mutation.functionalize(gm) and recompile:
         gm.recompile()
     return gm
+
+
+@contextlib.contextmanager
+def _unchanged(model: nn.Module):
+    """Every module of `model` as it was before: tracing runs forward, and a forward that assigns
+    its own attribute (SPAN's `self.mean = self.mean.type_as(x)`) would leave a Proxy there (fx
+    also stores constants as `_tensor_constant<i>` on the root)."""
+    saved = [(m, dict(m.__dict__), {k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers", "_modules")})
+             for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs, registries in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for k, entries in registries.items():
+                attrs[k].clear()
+                attrs[k].update(entries)
 
 
 def _symbolic_either(model: nn.Module, given: int) -> fx.GraphModule:

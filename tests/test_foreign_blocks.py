@@ -1038,3 +1038,32 @@ def test_parameter_expanded_to_a_traced_size_is_traced(make):
     assert not report.untraced, str(report)
     if make is TinyViT:
         assert ops(fused, x) == (2, 0), f"conv→BN folded: {ops(fused, x)}\n{report}"
+
+
+# ---- a forward that assigns its own attribute (SPAN's `self.mean = self.mean.type_as(x)`) ----
+
+class MeanShift(nn.Module):
+    """SPAN's input normalization: a plain tensor attribute (no buffer) cast in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        self.mean = self.mean.type_as(x)
+        return self.bn(self.conv((x - self.mean) * 2.0))
+
+
+@WITH_INPUTS
+def test_forward_that_assigns_its_own_attribute(with_inputs):
+    """Tracing runs forward with proxies: the assignment left a Proxy in the model (and its copy),
+    and the fused model failed on its first call (or graph lint raised). Tracing leaves every
+    module as it was."""
+    model, x = seeded(MeanShift()), x_(2, 3, 7, 9)
+    mean = model.mean
+    fused, report = fuse(model, x, with_inputs)
+    assert model.mean is mean
+    assert not any(isinstance(v, torch.fx.Proxy) for m in fused.modules() for v in vars(m).values())
+    assert_same(model, fused, x, report)
+    assert ops(fused, x) == (1, 0), f"{ops(fused, x)}\n{report}"
