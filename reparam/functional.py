@@ -29,3 +29,11 @@ def scatter(base: torch.Tensor, value: torch.Tensor, method: str, *args, **kwarg
     out = base.clone(memory_format=torch.contiguous_format) if method in ("view", "view_as") else base.clone()
     getattr(out, method)(*args, **kwargs).copy_(value)
     return out
+
+
+def scatter_piece(base: torch.Tensor, value: torch.Tensor, index, method: str, *args, **kwargs) -> torch.Tensor:
+    """A copy of `base` whose piece `base.<method>(*args, **kwargs)[index]` (split, chunk,
+    unbind: a tuple of views) holds `value`."""
+    out = base.clone()
+    getattr(out, method)(*args, **kwargs)[index].copy_(value)
+    return out

@@ -326,6 +326,8 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
         if not list(module.children()) or not any(s.startswith(prefix) for s in scopes):
             return module  # nothing merges in here
         return _fuse_children(module, inputs, path, report, ratio, scopes, budget)
+    if _torch_layer(module):
+        return module  # nothing inside to merge (and BatchNorm1d's input check refuses a tracer)
     gm, errors = trace.trace(module, fresh(inputs), front_ends=("fx",))
     if gm is None and inputs is not None and list(module.children()):
         # its children first, each fused where it traces (fast); torch.export of the whole
@@ -365,7 +367,7 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
     report.skipped += skipped
     report.unchecked += [f"{prefix}{u}" for u in outcome.unchecked]
     report.faults += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.faults]
-    if not outcome.applied and not _has_hooked(gm):
+    if not outcome.applied and not _has_hooked(gm) and not _folded(gm, path, report):
         return module  # nothing merged: the module itself is exact, and keeps its class
     if getattr(gm, "reparam_static", None):
         shapes = ", ".join("(" + ", ".join(map(str, s)) + ")" for s in gm.reparam_static)
@@ -503,6 +505,22 @@ def _open_norms(model: nn.Module) -> list[nn.Module]:
     return open_
 
 
+def _folded(gm: fx.GraphModule, path: str, report: Report) -> bool:
+    """The trace computed convs on parameters alone once (a kernel built in forward), which the
+    module computes at every call: the graph is the better module even with no rewrite."""
+    n = getattr(gm, "reparam_folded", 0)
+    if n:
+        report.notes.append(f"'{path or '<root>'}' computes {n} conv(s) from parameters alone in forward: "
+                            "computed once, at trace time")
+    return bool(n)
+
+
+def _torch_layer(module: nn.Module) -> bool:
+    """One of torch's own layers with no children (BatchNorm1d, Conv2d, ReLU...): fx's tracer
+    treats it as a leaf wherever it appears; so does `fuse`, at the root too."""
+    return type(module).__module__.startswith(("torch.nn.", "torch.ao.nn.")) and not module._modules
+
+
 def _within(path: str, scopes) -> bool:
     return any(path == s or path.startswith(s + ".") or not s for s in scopes)
 
@@ -624,6 +642,10 @@ def _postcondition(original: nn.Module, fused: nn.Module, inputs):
             raise InternalError(f"reparam: internal error: the fused model's '{name}' is {t.dtype} on "
                                 f"{t.device}, which the model never had — please report")
     for m in fused.modules():
+        for name, value in vars(m).items():  # a forward's `self.mean = ...` run by a tracer
+            if isinstance(value, fx.Proxy):
+                raise InternalError(f"reparam: internal error: the fused model's attribute '{name}' is a "
+                                    "tracer's Proxy — please report")
         if isinstance(m, fx.GraphModule):
             for n in m.graph.nodes:
                 try:

@@ -37,10 +37,11 @@ OUT_OF_PLACE = {"add", "sub", "mul", "div", "neg", "abs", "relu", "sigmoid", "ta
 VIEW_METHODS = {"view", "view_as", "transpose", "permute", "expand", "expand_as", "narrow", "select",
                 "squeeze", "unsqueeze", "unflatten", "movedim", "moveaxis", "swapaxes", "swapdims",
                 "diagonal", "unfold", "as_strided", "detach", "t"}
+# view ops that return a tuple of views (pieces) of the input, always: `a, b = torch.split(v, ...)`
+PIECE_METHODS = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 # the result may share the input's storage or not, depending on strides, dtype, device
 MAYBE_VIEW_METHODS = {"reshape", "reshape_as", "flatten", "contiguous", "to", "type", "type_as", "float",
-                      "double", "half", "bfloat16", "cpu", "cuda", "split", "chunk", "unbind",
-                      "tensor_split", "split_with_sizes", "T", "mT", "H", "mH", "data", "real", "imag"}
+                      "double", "half", "bfloat16", "cpu", "cuda", "T", "mT", "H", "mH", "data", "real", "imag"}
 NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "record_stream"}  # return self
 SIZE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
 SIZE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "item", "tolist", "element_size",
@@ -139,11 +140,12 @@ def view_kind(node: fx.Node, modules: dict) -> str | None:
     if node.op == "call_function" and node.target is operator.getitem:
         return "view" if _basic_index(node.args[1]) else None
     if node.op == "call_function" and node.target is getattr:
-        return "maybe" if node.args[1] in MAYBE_VIEW_METHODS | VIEW_METHODS else None
-    if node.op == "call_method" or getattr(node.target, "__module__", None) == "torch":
+        return "maybe" if node.args[1] in MAYBE_VIEW_METHODS | VIEW_METHODS | PIECE_METHODS else None
+    # torch.split is torch.functional.split
+    if node.op == "call_method" or getattr(node.target, "__module__", None) in ("torch", "torch.functional"):
         if name in NOT_WRITES:
             return "same"
-        if name in VIEW_METHODS:
+        if name in VIEW_METHODS or name in PIECE_METHODS:
             return "view"
         if name in MAYBE_VIEW_METHODS:
             return "maybe"
@@ -255,13 +257,25 @@ class _Pass:
                 chain, root = chain[:i + 1], v
                 break
         with self.graph.inserting_before(node):
-            values = [self._out_of_place(node)]
-            for v, up in zip(chain, chain[1:]):
+            values, holders = [self._out_of_place(node)], [chain[0]]
+            i = 0
+            while i + 1 < len(chain):
+                v, up = chain[i], chain[i + 1]
+                if _pieces(up):  # v = up[k], a piece of a tensor: the write lands in that tensor
+                    src = self._piece_source(node, v, up, chain[i + 2:])
+                    values.append(self.graph.call_function(
+                        functional.scatter_piece, (self.current(src, node), values[-1], v.args[1], op_name(up),
+                                                   *up.args[1:]), dict(up.kwargs)))
+                    holders.append(src)  # the tuple itself is taken again from it when read
+                    i += 2
+                    continue
                 kind = self.parent[v][1]
                 values.append(values[-1] if kind == "same" else self._scatter(v, self.current(up, node), values[-1]))
+                holders.append(up)
+                i += 1
         version = self.version.get(root, 0) + 1
         self.version[root] = version
-        for n, val in zip(chain, values):
+        for n, val in zip(holders, values):
             self.value[n] = (version, val)
         self.parent[node] = (target, "same")  # x.relu_() returns x itself
         self.value[node] = (version, values[0])
@@ -302,6 +316,14 @@ class _Pass:
             self.functional_modules[target] = target
         return target
 
+    def _piece_source(self, node: fx.Node, v: fx.Node, up: fx.Node, rest: list) -> fx.Node:
+        """The tensor that `up` (split, chunk, ...) cuts into pieces, where `v` is one of them."""
+        k = v.args[1] if v.op == "call_function" and v.target is operator.getitem else None
+        if not rest or not (isinstance(k, int) or (isinstance(k, fx.Node) and is_size(k))):
+            raise Refused(f"'{node.name}' writes '{v.name}', part of the pieces '{up.name}' ({op_name(up)}) "
+                          "taken other than one by one")
+        return rest[0]
+
     def _scatter(self, view: fx.Node, base: fx.Node, value: fx.Node) -> fx.Node:
         """`base` with `view` (a view node of it) holding `value`."""
         if view.op == "call_function" and view.target is operator.getitem:
@@ -321,6 +343,11 @@ class _Pass:
             for n in self.graph.nodes:
                 if n.op == "placeholder" and self.version.get(n, 0) and n not in self.parent:
                     self.graph.call_method("copy_", (n, self.value[n][1]))
+
+
+def _pieces(node: fx.Node) -> bool:
+    """`node` is a tuple of views of its first argument (`torch.split(v, ...)`), not a tensor."""
+    return node.op in ("call_function", "call_method") and op_name(node) in PIECE_METHODS
 
 
 def _is_state(gm: nn.Module, target: str) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from statistics import median
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _BN_OPS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
@@ -55,6 +55,16 @@ class _OpCounter(TorchDispatchMode):
         return out
 
 
+_CONV_FNS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+             "linear", "convolution"}
+
+
+def _functional_conv(node: fx.Node) -> bool:
+    t = node.target
+    name = t._overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", "")
+    return node.op == "call_function" and name in _CONV_FNS
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -68,6 +78,9 @@ def count(model: nn.Module, example_inputs=None) -> Stats:
     params = count_params(model)
     if example_inputs is None:
         convs = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
+        # and the functional ones a graph calls (`F.conv2d(x, weight=self.k0)`, ATen convolution)
+        convs += sum(_functional_conv(n) for m in model.modules() if isinstance(m, fx.GraphModule)
+                     for n in m.graph.nodes)
         bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         return Stats(convs, bns, params, None)
     return run_counted(model, example_inputs)[0]

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from . import mutation
 from .nn import BNAndPad
+from .stats import _OpCounter
 
 aten = torch.ops.aten
 
@@ -51,13 +52,18 @@ def has_hooks(m: nn.Module) -> bool:
 
 
 class ConcreteParamTracer(fx.Tracer):
-    """Parameters and buffers read in `forward` are real tensors, not proxies."""
+    """Parameters and buffers read in `forward` are real tensors, not proxies (`concrete=False`:
+    proxies, as plain fx traces them)."""
+
+    def __init__(self, concrete: bool = True):
+        super().__init__()
+        self.concrete = concrete
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
-        return attr_val
+        return attr_val if self.concrete else super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def trace(self, root, concrete_args=None):
         self._names = None
@@ -92,21 +98,65 @@ def _none_defaults(model: nn.Module, given: int) -> dict:
             if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def symbolic(model: nn.Module, given: int = 1, recompile: bool = True) -> fx.GraphModule:
+def symbolic(model: nn.Module, given: int = 1, recompile: bool = True, concrete: bool = True) -> fx.GraphModule:
     """`model` traced by fx and made mutation-free; `recompile=False` leaves the code stale
-    for a caller that only reads the graph (the engine recompiles when it is done)."""
-    tracer = ConcreteParamTracer()
+    for a caller that only reads the graph (the engine recompiles when it is done);
+    `concrete=False`: as plain fx traces, parameters as get_attr proxies (fold_constants folds
+    what they compute) and every argument a placeholder."""
+    tracer = ConcreteParamTracer(concrete)
     tensors = [*model.parameters(), *model.buffers()]
     versions = [t._version for t in tensors]
-    with torch.no_grad():
-        graph = tracer.trace(model, concrete_args=_none_defaults(model, given) or None)
+    with _unchanged(model):
+        with torch.no_grad(), _OpCounter() as ran:  # only ops on concrete tensors reach the counter
+            graph = tracer.trace(model, concrete_args=(concrete and _none_defaults(model, given)) or None)
+        # the constants fx stored on the root (`_tensor_constant<i>`), for the GraphModule to copy
+        constants = {k: v for k, v in vars(model).items() if k.startswith("_tensor_constant")}
     for t, v in zip(tensors, versions):
         if t._version != v:  # a write into a concrete parameter ran once, at trace time
             raise mutation.Refused("forward writes one of the model's parameters or buffers in place")
-    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    with _unchanged(model):
+        vars(model).update(constants)
+        gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    gm.graph.lint()  # a graph that reads an attribute it lacks is a failed trace, not a result
+    # convs that forward runs on parameters alone (ECBSR's `rep_params()` in eval mode), computed
+    # once here: the graph runs that many fewer at every call than the module
+    gm.reparam_folded = ran.convs
     if mutation.functionalize(gm) and recompile:
         gm.recompile()
     return gm
+
+
+@contextlib.contextmanager
+def _unchanged(model: nn.Module):
+    """Every module of `model` as it was before: tracing runs forward, and a forward that assigns
+    its own attribute (SPAN's `self.mean = self.mean.type_as(x)`) would leave a Proxy there (fx
+    also stores constants as `_tensor_constant<i>` on the root)."""
+    saved = [(m, dict(m.__dict__), {k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers", "_modules")})
+             for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs, registries in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for k, entries in registries.items():
+                attrs[k].clear()
+                attrs[k].update(entries)
+
+
+def _symbolic_either(model: nn.Module, given: int) -> fx.GraphModule:
+    """`symbolic` with concrete parameters, else with parameters as proxies, as plain fx traces
+    them: `self.cls_token.expand(x.shape[0], -1, -1)` (timm's ViT) takes no Proxy size on a real
+    tensor. The first failure is the one raised."""
+    try:
+        return symbolic(model, given, recompile=False)
+    except mutation.Refused:
+        raise  # aliasing, not the tracer: proxies would not settle it
+    except Exception as e:
+        try:
+            return symbolic(model, given, recompile=False, concrete=False)
+        except Exception:
+            raise e from None
 
 
 @contextlib.contextmanager
@@ -140,6 +190,7 @@ def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     gm = ep.module()
     for m in gm.modules():  # traced in eval mode; its .eval() refuses to run, so say it directly
         m.training = False
+    _drop_assertions(gm)
     _canonical_batch_norm(gm)
     for n in gm.graph.nodes:
         if mutation.written(n, {}) is not None and not _copy_at_end(n):
@@ -147,6 +198,17 @@ def exported(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     gm.reparam_guards = _guards_failed(gm, inputs, ep.range_constraints)
     gm.reparam_static = _static_sizes(gm, ep.range_constraints, bool(gm.reparam_guards))
     return gm
+
+
+def _drop_assertions(gm: fx.GraphModule):
+    """Erase export's own checks (`_assert_tensor_metadata`, `_assert_scalar`,
+    `sym_constrain_range`, ...): they read a value without using it, so rules would count them as
+    readers (a conv "also used elsewhere" keeps its BN); they only check what the trace saw."""
+    for n in reversed(list(gm.graph.nodes)):
+        name = n.target._overloadpacket.__name__ if isinstance(n.target, torch._ops.OpOverload) else ""
+        if n.op == "call_function" and not n.users and \
+                (name.startswith(("_assert_", "sym_constrain_range")) or name == "_functional_assert_async"):
+            gm.graph.erase_node(n)
 
 
 def _copy_at_end(node: fx.Node) -> bool:
@@ -241,7 +303,7 @@ def trace(model: nn.Module, example_inputs=None,
     if "fx" in front_ends:
         try:
             given = len(example_inputs) if example_inputs is not None else 1
-            return symbolic(model, given, recompile=False).eval(), []
+            return _symbolic_either(model, given).eval(), []
         except Exception as e:  # any tracer failure means: try the next front end
             errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
     if "export" in front_ends and example_inputs is not None:

@@ -271,6 +271,157 @@ def test_ecbsr_seqconv_1x1_3x3_fuses_to_one_conv(inp, out, multiplier, with_inpu
     assert ops(fused, x)[0] == 1, f"expected 1 conv, got {ops(fused, x)}\n{report}"
 
 
+# ---- ECBSR's ECB: four SeqConv3x3 types, identity, PReLU; deploy form built in forward ----
+
+SOBEL_X = [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
+SOBEL_Y = [[1, 2, 1], [0, 0, 0], [-1, -2, -1]]
+LAPLACIAN = [[0, 1, 0], [1, -4, 1], [0, 1, 0]]
+
+
+class EdgeSeqConv3x3(SeqConv3x3):
+    """SeqConv3x3 of every `seq_type`: 'conv1x1-conv3x3' (the parent's), or 'conv1x1-sobelx' /
+    '-sobely' / '-laplacian': a 1×1 conv, the bias padding, then a fixed per-channel edge mask
+    times a learnt scale, as a depthwise conv (`groups=out_planes`). `rep_params` is the authors'
+    converter: the one 3×3 kernel and bias, built from the parameters with convs."""
+
+    def __init__(self, seq_type, inp_planes, out_planes, depth_multiplier=1):
+        if seq_type == "conv1x1-conv3x3":
+            super().__init__(inp_planes, out_planes, depth_multiplier)
+        else:
+            nn.Module.__init__(self)
+            conv0 = nn.Conv2d(inp_planes, out_planes, kernel_size=1, padding=0)
+            self.k0, self.b0 = conv0.weight, conv0.bias
+            self.scale = nn.Parameter(torch.randn(out_planes, 1, 1, 1) * 1e-3)
+            self.bias = nn.Parameter(torch.randn(out_planes) * 1e-3)
+            taps = {"conv1x1-sobelx": SOBEL_X, "conv1x1-sobely": SOBEL_Y, "conv1x1-laplacian": LAPLACIAN}[seq_type]
+            self.mask = torch.zeros((out_planes, 1, 3, 3), dtype=torch.float32)
+            for i in range(out_planes):
+                self.mask[i, 0] = torch.tensor(taps, dtype=torch.float32)
+            self.mask = nn.Parameter(data=self.mask, requires_grad=False)
+        self.type, self.out_planes = seq_type, out_planes
+
+    def forward(self, x):
+        if self.type == "conv1x1-conv3x3":
+            return super().forward(x)
+        y0 = F.conv2d(input=x, weight=self.k0, bias=self.b0, stride=1)
+        y0 = F.pad(y0, (1, 1, 1, 1), "constant", 0)
+        b0_pad = self.b0.view(1, -1, 1, 1)
+        y0[:, :, 0:1, :] = b0_pad
+        y0[:, :, -1:, :] = b0_pad
+        y0[:, :, :, 0:1] = b0_pad
+        y0[:, :, :, -1:] = b0_pad
+        return F.conv2d(input=y0, weight=self.scale * self.mask, bias=self.bias, stride=1, groups=self.out_planes)
+
+    def rep_params(self):
+        if self.type == "conv1x1-conv3x3":
+            k1, b1, mid = self.k1, self.b1, self.mid_planes
+        else:
+            tmp = self.scale * self.mask
+            k1 = torch.zeros((self.out_planes, self.out_planes, 3, 3), dtype=tmp.dtype)
+            for i in range(self.out_planes):
+                k1[i, i, :, :] = tmp[i, 0, :, :]
+            b1, mid = self.bias, self.out_planes
+        RK = F.conv2d(input=k1, weight=self.k0.permute(1, 0, 2, 3))
+        RB = torch.ones(1, mid, 3, 3, dtype=k1.dtype) * self.b0.view(1, -1, 1, 1)
+        RB = F.conv2d(input=RB, weight=k1).view(-1,) + b1
+        return RK, RB
+
+
+class ECB(nn.Module):
+    """The edge-oriented conv block: 3×3 + conv1x1-conv3x3 + Sobel x + Sobel y + Laplacian
+    (+ the input when `with_idt`), then PReLU. As the authors write it, eval mode runs the
+    deploy form: one conv with the kernel `rep_params()` builds at every call."""
+
+    def __init__(self, inp_planes, out_planes, depth_multiplier, with_idt=False):
+        super().__init__()
+        self.out_planes = out_planes
+        self.with_idt = with_idt and inp_planes == out_planes
+        self.conv3x3 = nn.Conv2d(inp_planes, out_planes, kernel_size=3, padding=1)
+        self.conv1x1_3x3 = EdgeSeqConv3x3("conv1x1-conv3x3", inp_planes, out_planes, depth_multiplier)
+        self.conv1x1_sbx = EdgeSeqConv3x3("conv1x1-sobelx", inp_planes, out_planes, -1)
+        self.conv1x1_sby = EdgeSeqConv3x3("conv1x1-sobely", inp_planes, out_planes, -1)
+        self.conv1x1_lpl = EdgeSeqConv3x3("conv1x1-laplacian", inp_planes, out_planes, -1)
+        self.act = nn.PReLU(num_parameters=out_planes)
+
+    def forward(self, x):
+        if self.training:
+            y = self.conv3x3(x) + self.conv1x1_3x3(x) + self.conv1x1_sbx(x) + self.conv1x1_sby(x) + \
+                self.conv1x1_lpl(x)
+            if self.with_idt:
+                y += x
+        else:
+            RK, RB = self.rep_params()
+            y = F.conv2d(input=x, weight=RK, bias=RB, stride=1, padding=1)
+        return self.act(y)
+
+    def rep_params(self):
+        K0, B0 = self.conv3x3.weight, self.conv3x3.bias
+        K1, B1 = self.conv1x1_3x3.rep_params()
+        K2, B2 = self.conv1x1_sbx.rep_params()
+        K3, B3 = self.conv1x1_sby.rep_params()
+        K4, B4 = self.conv1x1_lpl.rep_params()
+        RK, RB = (K0 + K1 + K2 + K3 + K4), (B0 + B1 + B2 + B3 + B4)
+        if self.with_idt:
+            K_idt = torch.zeros(self.out_planes, self.out_planes, 3, 3, dtype=RK.dtype)
+            for i in range(self.out_planes):
+                K_idt[i, i, 1, 1] = 1.0
+            RK, RB = RK + K_idt, RB + 0.0
+        return RK, RB
+
+
+class ECBTrainingForm(ECB):
+    """The same block whose eval-mode function is its training form (the five branches)."""
+
+    def forward(self, x):
+        y = self.conv3x3(x) + self.conv1x1_3x3(x) + self.conv1x1_sbx(x) + self.conv1x1_sby(x) + self.conv1x1_lpl(x)
+        if self.with_idt:
+            y += x
+        return self.act(y)
+
+
+class SizedParent(nn.Module):
+    """A parent fx cannot trace (an `if` on a size): with example inputs, torch.export's graph."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        if x.shape[-1] > 1:
+            x = x * 1.0
+        return self.block(x)
+
+
+ECB_FORMS = {"deploy": lambda: ECB(4, 4, 2, with_idt=True), "training": lambda: ECBTrainingForm(4, 4, 2, with_idt=True),
+             "deploy-in-untraceable-parent": lambda: SizedParent(ECB(4, 4, 2, with_idt=True))}
+
+
+@WITH_INPUTS
+@pytest.mark.parametrize("form", list(ECB_FORMS))
+def test_ecbsr_ecb_fuses_to_one_conv(form, with_inputs):
+    """Five branches, identity and an eval mode that builds its kernel from parameters at every
+    call (8 convs): one 3×3 conv then PReLU, with example inputs as without them."""
+    model = seeded(ECB_FORMS[form]())
+    x = x_(2, 4, 7, 9)
+    fused, report = fuse(model, x, with_inputs)
+    assert_same(model, fused, x, report)
+    assert ops(fused, x)[0] == 1, f"expected 1 conv, got {ops(fused, x)}\n{report}"
+    assert report.after.convs == 1, str(report)
+
+
+@pytest.mark.parametrize("seq_type", ["conv1x1-sobelx", "conv1x1-sobely", "conv1x1-laplacian"])
+def test_ecbsr_edge_seqconv_fuses_alike_with_and_without_inputs(seq_type):
+    """A 1×1 then a depthwise edge filter: one dense 3×3 conv costs more MACs, so it merges
+    only with `max_macs_ratio=inf`; either way example inputs change nothing."""
+    model = seeded(EdgeSeqConv3x3(seq_type, 4, 4))
+    x = x_(2, 4, 7, 9)
+    for ratio, want in ((1.0, 2), (math.inf, 1)):
+        for with_inputs in (True, False):
+            fused, report = fuse(model, x, with_inputs, max_macs_ratio=ratio)
+            assert_same(model, fused, x, report)
+            assert ops(fused, x)[0] == want == report.after.convs, f"ratio {ratio}: {ops(fused, x)}\n{report}"
+
+
 # ---- squeeze-excite that pools with the input's size ----
 
 class SEBlock(nn.Module):
@@ -802,3 +953,117 @@ def test_model_that_writes_its_input(with_inputs):
         model(original)
         fused(fused_input)
     assert torch.allclose(original, x - 0.5) and torch.equal(original, fused_input)
+
+
+# ---- torch.export's own checks are no readers: peft LoRA on a torchvision ResNet-18 ----
+
+def test_peft_lora_resnet_folds_every_bn_with_example_inputs():
+    """peft's LoRA forwards (`*args, **kwargs`, a loop over adapters) need torch.export; its graph's
+    `_assert_tensor_metadata` nodes read each conv's output without using it, and must not keep
+    the BN after it unfolded. As many BNs left as merging the adapters first (none)."""
+    peft = pytest.importorskip("peft")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torchvision.models.resnet18(num_classes=10),
+                                peft.LoraConfig(r=4, target_modules=["conv1", "conv2"]))
+    model = seeded(model)  # every weight random: LoRA's B (zero at first) too
+    x = x_(1, 3, 64, 64)
+    fused, report = fuse(model, x, True)
+    assert_same(model, fused, x, report)
+    merged = reparam.fuse(model.merge_and_unload(), (x.clone(),))
+    assert ops(fused, x)[1] <= ops(merged, x)[1] == 0, f"{ops(fused, x)} vs merged {ops(merged, x)}\n{report}"
+
+
+# ---- torch's own layers are leaves, at the root too ----
+
+class ValueIf(nn.Module):
+    """A parent no tracer takes (an `if` on a value) around a conv and a BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.bn(self.conv(x))
+
+
+@WITH_INPUTS
+@pytest.mark.parametrize("make, shape", [(lambda: nn.BatchNorm1d(4), (3, 4)), (ValueIf, (2, 4, 5))],
+                         ids=["root", "child-of-untraceable"])
+def test_torch_norm_layer_is_a_leaf_not_untraced(make, shape, with_inputs):
+    """BatchNorm1d's `_check_input_dim` refuses a tracer's Proxy: traced as a root it failed and
+    was reported untraced; it is one of torch's layers, with nothing inside to merge."""
+    model, x = seeded(make()), x_(*shape)
+    fused, report = fuse(model, x, with_inputs)
+    assert_same(model, fused, x, report)
+    paths = [u.path for u in report.untraced]  # ValueIf itself is untraceable, its BN is not
+    assert "bn" not in paths and (make is ValueIf or not paths), str(report)
+
+
+# ---- a parameter with a traced size: timm ViT's `self.cls_token.expand(B, -1, -1)` ----
+
+class TinyViT(nn.Module):
+    """Patch embedding (conv, BN), a class token expanded to the batch read from the input,
+    position embedding, a Linear head on the class token: timm's `_pos_embed` idiom."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4, bias=False)
+        self.norm = nn.BatchNorm2d(dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.norm(self.patch(x)).flatten(2).transpose(1, 2)
+        B = x.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
+        return self.head(x[:, 0])
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1)
+
+
+@pytest.mark.parametrize("make", [TinyViT, _timm_vit], ids=["tiny", "timm"])
+def test_parameter_expanded_to_a_traced_size_is_traced(make):
+    """With parameters concrete, `param.expand(proxy, -1, -1)` raises (a real tensor takes no Proxy
+    size); plain fx traces it, and so must `fuse`: parameters as proxies when concrete fails."""
+    model, x = seeded(make()), x_(2, 3, 8, 8) if make is TinyViT else x_(2, 3, 16, 16)
+    fused, report = fuse(model, x, False)
+    assert_same(model, fused, x, report)
+    assert not report.untraced, str(report)
+    if make is TinyViT:
+        assert ops(fused, x) == (2, 0), f"conv→BN folded: {ops(fused, x)}\n{report}"
+
+
+# ---- a forward that assigns its own attribute (SPAN's `self.mean = self.mean.type_as(x)`) ----
+
+class MeanShift(nn.Module):
+    """SPAN's input normalization: a plain tensor attribute (no buffer) cast in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        self.mean = self.mean.type_as(x)
+        return self.bn(self.conv((x - self.mean) * 2.0))
+
+
+@WITH_INPUTS
+def test_forward_that_assigns_its_own_attribute(with_inputs):
+    """Tracing runs forward with proxies: the assignment left a Proxy in the model (and its copy),
+    and the fused model failed on its first call (or graph lint raised). Tracing leaves every
+    module as it was."""
+    model, x = seeded(MeanShift()), x_(2, 3, 7, 9)
+    mean = model.mean
+    fused, report = fuse(model, x, with_inputs)
+    assert model.mean is mean
+    assert not any(isinstance(v, torch.fx.Proxy) for m in fused.modules() for v in vars(m).values())
+    assert_same(model, fused, x, report)
+    assert ops(fused, x) == (1, 0), f"{ops(fused, x)}\n{report}"

@@ -274,3 +274,39 @@ def test_a_write_through_a_view_of_a_dropped_copy(with_inputs):
             x = torch.randn(shape)
             assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(model(x), fused(x)))
     assert not [n for n in report.notes if n.startswith("undone")], report.notes
+
+
+class SplitPieceWritten(nn.Module):
+    """`a, b = torch.split(v, [2, 4], dim=1)` then an in-place write into one piece: the pieces
+    are views of v (a tuple of them), so the write reaches v and every piece read later."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.stem = nn.Conv2d(3, 6, 1)
+        self.a, self.b = conv_bn(4, 4, 3), conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        v = self.stem(x)
+        if self.how == "torch.split":
+            a, b = torch.split(v, [2, 4], dim=1)
+        elif self.how == "method-split":
+            a, b = v.split([2, 4], 1)
+        else:
+            a, b = torch.tensor_split(v, [2], dim=1)
+        F.relu(b, inplace=True)
+        y = self.a(b) + self.b(b)
+        return torch.cat([a, y], 1) + v  # v holds the rectified piece too
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["no-inputs", "inputs"])
+@pytest.mark.parametrize("how", ["torch.split", "method-split", "tensor_split"])
+def test_a_write_into_one_piece_of_a_split(how, with_inputs):
+    model, x = randomize(SplitPieceWritten(how), 0).eval(), torch.randn(2, 3, 7, 9)
+    fused, report = reparam.fuse_with_report(model, (x,) if with_inputs else None)
+    with torch.no_grad():
+        for shape in ((2, 3, 7, 9), (1, 3, 6, 5)):
+            x = torch.randn(shape)
+            assert reparam.testing.rel_error(model(x), fused(x)) <= 1e-5, str(report)
+    assert reparam.count(fused, (x,)).bns == 0, str(report)
+    assert not report.untraced and not [n for n in report.notes if n.startswith("undone")], str(report)

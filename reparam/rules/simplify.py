@@ -15,7 +15,7 @@ def fold_constants(node: fx.Node, g: Graph):
     if node.op not in ("call_function", "call_method"):
         return None
     inputs = node.all_input_nodes
-    if not inputs or not all(g.is_const(n) for n in inputs):
+    if not (inputs or _factory(node)) or not all(g.is_const(n) for n in inputs):
         return None
     if any(u.op == "output" for u in node.users):
         return None  # returned: a stored constant the caller could write
@@ -34,6 +34,13 @@ def fold_constants(node: fx.Node, g: Graph):
     # (float64) sees that dtype's rounding
     eps = torch.finfo(value.dtype).eps if value.is_floating_point() else 0.0
     return Rewrite("fold_constants", node, [(Constant(value), 1.0)], [node], name, tolerance=max(64 * eps, 1e-9))
+
+
+def _factory(node: fx.Node) -> bool:
+    """An ATen op that makes a tensor of fixed values from sizes alone (`torch.zeros((4, 4, 3, 3))`
+    in a kernel built in forward, as torch.export records it): a constant like a parameter."""
+    return isinstance(node.target, torch._ops.OpOverload) and \
+        node.target._overloadpacket.__name__ in ("zeros", "ones", "full", "eye", "arange", "scalar_tensor")
 
 
 def _mutated(node: fx.Node) -> bool:
