@@ -173,8 +173,12 @@ def report(args) -> int:
     print(f"{len(rep.skipped)} places left alone" + (":" if rep.skipped else ""))
     for s in rep.skipped:
         print(f"  {s.path:<40} {s.reason}")
+    if rep.norms_left:
+        print(f"{len(rep.norms_left)} batch norms left (the first reason for each):")
+        for s in rep.norms_left:
+            print(f"  {s.path:<40} {s.reason}")
     for u in rep.untraced:
-        print(f"untraced: {u.path}: {u.message}")
+        print(f"untraced: {u.line()}")
     if args.health:
         print("\ndeployment health of the fused layers (fractions of weights; int8: symmetric per output "
               "channel, relative error):")

@@ -12,6 +12,7 @@ import numbers
 import operator
 import re
 import warnings
+import weakref
 from dataclasses import replace
 
 import torch
@@ -111,6 +112,7 @@ def fuse_with_report(model: nn.Module, example_inputs: tuple | None = None, *, i
             report.notes.insert(0, "the model was in training mode: fused its eval-mode function "
                                    "(BatchNorm running statistics)")
     _postcondition(work, fused, inputs)
+    report.norms_left = _norms_left(fused, report)
     return fused, report
 
 
@@ -156,6 +158,28 @@ def explain(model: nn.Module, example_inputs: tuple | None = None, *, max_macs_r
         the max relative error too).
     """
     return fuse_with_report(model, example_inputs, max_macs_ratio=max_macs_ratio)[1]
+
+
+def _norms_left(fused: nn.Module, report: Report) -> list[Skip]:
+    """Each batch norm `fused` still holds, with the first reason the report gives for it: a
+    refusal at it or at a sibling (`block.conv` for `block.bn`), else the untraced module whose
+    Python calls it, else that no rule saw an op to fold it into."""
+    out = []
+    for name, m in fused.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or any(name == s.path for s in out):
+            continue
+        scope = name.rpartition(".")[0]
+        why = next((s for s in report.skipped if s.path == name), None) \
+            or next((s for s in report.skipped if s.path.rpartition(".")[0] == scope and scope), None)
+        if why is not None:
+            out.append(Skip(why.rule, name, f"{why.reason} (at {why.path})" if why.path != name else why.reason))
+            continue
+        up = max((u for u in report.untraced if _within(name, [u.path.replace("<root>", "")])),
+                 key=lambda u: len(u.path), default=None)
+        reason = (f"called by the Python of '{up.path}', which could not be traced ({up.message})" if up
+                  else "no conv or linear op next to it in its graph")
+        out.append(Skip("fuse", name, reason))
+    return out
 
 
 # ---- preparing the copy ----
@@ -339,13 +363,18 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
             gm, more = trace.trace(module, fresh(inputs), front_ends=("export",))
             errors += more
         if gm is None:
-            report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
+            report.untraced.append(Untraced(path or "<root>", "; ".join(errors), len(trial.rewrites)))
             report.extend(trial)
             return kept
     if gm is None:
-        report.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
-        return _fuse_children(module, inputs, path, report, ratio, None, budget, observation=observation) \
-            if list(module.children()) else module
+        if not list(module.children()):
+            report.untraced.append(Untraced(path or "<root>", "; ".join(errors), 0))
+            return module
+        below = Report()
+        kept = _fuse_children(module, inputs, path, below, ratio, None, budget, observation=observation)
+        report.untraced.append(Untraced(path or "<root>", "; ".join(errors), len(below.rewrites)))
+        report.extend(below)
+        return kept
     here = Report()
     if errors:
         here.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
@@ -361,6 +390,7 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
             # what the graph left alone outside the merge scopes (their fuses say the rest)
             report.skipped += [k for k, r in zip(skipped, outcome.refused)
                                if not _within(prefix + module_path(r.node), found)]
+            _JUDGED.add(kept)
             return kept
     report.extend(here)
     report.rewrites += [replace(a, path=prefix + a.path) for a in outcome.applied]
@@ -427,6 +457,9 @@ _MODULE_NAMES = {k for c in fx.GraphModule.__mro__[:-1] for k in vars(c)} - {
     "__annotations__", "__firstlineno__", "__static_attributes__"}
 
 
+# modules kept as Python although a graph of theirs was fused (every merge was below them): a
+# piece, whose inside that graph has judged
+_JUDGED: weakref.WeakSet = weakref.WeakSet()
 _LINEAR = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear)
 _LINEAR_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.neg, torch.add, torch.cat}
 
@@ -436,31 +469,32 @@ def _may_merge_across(module: nn.Module, kept: nn.Module, seen: usage.Observatio
     own Python kept)? Where a norm is left next to no op of its graph (`_open_norms`), or two of
     the fused pieces meet linearly on the example inputs: one reads what another returns, the
     first ending and the second starting with a linear op (conv → BN across children), or two
-    linear pieces read the same tensor (the branches of a sum)."""
+    linear pieces read the same tensor and give the same shape (the branches of a sum).
+    Elsewhere torch.export (seconds per module) would find nothing more to merge."""
     if _open_norms(kept):
         return True
-    pieces = [(seen.flows[id(m)], f) for m, f in _pieces(module, kept) if id(m) in seen.flows]
-    made_by = {t: i for i, ((_, outs), _) in enumerate(pieces) for t in outs}
+    pieces = [(seen.flows[id(m)], f, up) for m, f, up in _pieces(module, kept) if id(m) in seen.flows]
+    made_by = {t: i for i, ((_, outs, _), _, _) in enumerate(pieces) for t in outs}
     readers = {}
-    for i, ((ins, _), f) in enumerate(pieces):
+    for i, ((ins, _, shapes), f, up) in enumerate(pieces):
         for t in ins:
             j = made_by.get(t)
             if j is not None and j != i and _ends_linear(pieces[j][1]) and _starts_linear(f):
                 return True
-            readers.setdefault(t, []).append(f)
-    return any(sum(map(_all_linear, fs)) >= 2 for fs in readers.values())
+            if _all_linear(f):  # a branch: linear siblings of one shape reading one tensor
+                readers.setdefault((t, tuple(shapes), id(up)), []).append(f)
+    return any(len(fs) >= 2 for fs in readers.values())
 
 
 def _pieces(module: nn.Module, kept: nn.Module):
-    """(original, fused) for each piece of `kept` that runs as one: a graph or a leaf module,
-    found below the modules whose Python was kept."""
+    """(original, fused, original parent) for each piece of `kept` that runs as one: a graph or
+    a leaf module, found below the modules whose Python was kept."""
     for name, child in module.named_children():
         fused = kept._modules.get(name)
         if fused is None:
             continue
-        if isinstance(fused, fx.GraphModule) or not list(fused.children()) or fused is child \
-                and not any(True for _ in child.children()):
-            yield child, fused
+        if isinstance(fused, fx.GraphModule) or not list(fused.children()) or fused in _JUDGED:
+            yield child, fused, module
         else:
             yield from _pieces(child, fused)
 

@@ -41,14 +41,22 @@ class Skip:
 
 @dataclass(frozen=True)
 class Untraced:
-    """A module no front end could trace (its children were fused one by one).
+    """A module no front end could trace: its Python runs as written, and each child of it
+    that traces is fused on its own.
 
     Attributes:
         path: its module path.
         message: the tracer's error, first line.
+        fused_below: rewrites applied inside it (its children fused one by one); None where
+            not counted (a graph of an ancestor was kept instead).
     """
     path: str
     message: str
+    fused_below: int | None = None
+
+    def line(self) -> str:
+        below = "" if self.fused_below is None else f" [{self.fused_below} rewrites in its children]"
+        return f"{self.path}{below}: {self.message}"
 
 
 @dataclass
@@ -76,6 +84,7 @@ class Report:
     before: Stats | None = None
     after: Stats | None = None
     max_rel_error: float | None = None
+    norms_left: list[Skip] = field(default_factory=list)  # each BN the fused model still runs, and why
 
     def extend(self, other: "Report"):
         """Add what `other` (the report of a part of the model) holds."""
@@ -99,9 +108,13 @@ class Report:
         if self.faults:
             lines.append(f"\n{len(self.faults)} rewrites refused as rule faults (please report):")
             lines += [f"  {s.rule:<17} {s.path:<40} {s.reason}" for s in self.faults]
+        if self.norms_left:
+            lines.append(f"\n{len(self.norms_left)} batch norms left (the first reason for each):")
+            lines += [f"  {s.path:<40} {s.reason}" for s in self.norms_left]
         if self.untraced:
-            lines.append(f"\n{len(self.untraced)} modules could not be traced (their children were fused one by one):")
-            lines += [f"  {u.path:<40} {u.message}" for u in self.untraced]
+            lines.append(f"\n{len(self.untraced)} modules could not be traced (their Python runs as written; "
+                         "each child that traces was fused on its own):")
+            lines += [f"  {u.line()}" for u in self.untraced]
         return "\n".join(lines)
 
 

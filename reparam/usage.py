@@ -29,7 +29,8 @@ class Observation:
         loose: the ids of the modules used as collections: a child of theirs was called while
             they were not running.
         flows: for each module called exactly once, by id, (the ids of the tensors it read,
-            the ids of the tensors it returned); the tensors are kept alive, so ids are unique.
+            the ids of the tensors it returned, their shapes); the tensors are kept alive, so
+            ids are unique.
     """
     args: dict = field(default_factory=dict)
     loose: set = field(default_factory=set)
@@ -54,14 +55,21 @@ def observe(module: nn.Module, inputs) -> Observation:
     def pre(m, args, kwargs):
         ups = [up for up in parents.get(id(m), []) if up is not module]
         if ups and len(ups) == len(parents[id(m)]) and not any(r is up for r in running for up in ups):
-            seen.loose.update(id(up) for up in ups)
+            # called while its parent is not running: the parent is a collection, and so is each
+            # module between it and the nearest running one (`self.body.features[i](x)`)
+            live = {id(r) for r in running}
+            for up in ups:
+                while up is not None and up is not module and id(up) not in live:
+                    seen.loose.add(id(up))
+                    up = parent.get(id(up))
         # keyword arguments: not replayable as example inputs
         calls.setdefault(id(m), []).append(None if kwargs else args)
-        flows[id(m)] = (tensors((args, kwargs)), set())
+        flows[id(m)] = (tensors((args, kwargs)), set(), [])
         running.append(m)
 
     def post(m, args, out):
         flows[id(m)][1].update(tensors(out))
+        flows[id(m)][2].extend(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         if running and running[-1] is m:
             running.pop()
 
@@ -75,13 +83,6 @@ def observe(module: nn.Module, inputs) -> Observation:
     finally:
         for h in hooks:
             h.remove()
-    # a module between `module` and one used as a collection is reached into as well
-    for m in list(module.modules()):
-        if id(m) in seen.loose:
-            up = parent.get(id(m))
-            while up is not None and up is not module:
-                seen.loose.add(id(up))
-                up = parent.get(id(up))
     once = {key for key, c in calls.items() if len(c) == 1}
     seen.args = {key: calls[key][0] for key in once if calls[key][0] is not None}
     seen.flows = {key: flows[key] for key in once}
@@ -181,6 +182,8 @@ class _Uses:
         up = self.parent.get(id(e))
         below = [c for o in objs for c in o.children()]
         if isinstance(up, ast.Subscript) and up.value is e:
+            if isinstance(up.slice, ast.Slice):  # `self.model[:-1]`: the same container, shorter
+                return self.use(up, objs, depth + 1)
             return self.deeper(self.use(up, below, depth + 1))
         if isinstance(up, ast.Attribute) and up.value is e:
             return WHOLE if _plain_data(objs, up.attr) else (1, "source")

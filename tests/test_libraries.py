@@ -62,7 +62,9 @@ def test_yolo_layers_keep_what_the_parent_reads():
     assert [type(m).__name__ for m in layers] == [type(m).__name__ for m in model.model]
     assert isinstance(layers[0], Conv) and isinstance(layers[-1], Detect)
     assert [(m.f, m.i, m.type) for m in layers] == [(m.f, m.i, m.type) for m in model.model]
-    assert not hasattr(layers[0], "bn") and report.rewrites
+    assert not hasattr(layers[0], "bn") and report.rewrites and not report.norms_left
+    root = report.untraced[0]
+    assert root.path == "<root>" and root.fused_below == len(report.rewrites) > 0, root
     fused = copy.deepcopy(fused).to(torch.float64).to(torch.float32)
     assert isinstance(fused.model[0], Conv) and fused.model[0].i == 0
     assert_equivalent(model, fused, x, rtol=1e-5)
@@ -114,3 +116,27 @@ def test_smp_with_a_timm_encoder_fuses_like_timm(with_inputs):
     assert o.convs <= t.convs and o.bns <= t.bns, \
         f"convs/BNs {o.convs}/{o.bns} after reparam.fuse vs {t.convs}/{t.bns} after timm"
     assert_equivalent(model, ours, x, rtol=1e-5)
+
+
+def test_the_report_says_why_each_batch_norm_is_left():
+    """A conv and its BN called apart by a parent's Python that does not trace: without example
+    inputs no graph holds both, and the report names the parent; with them torch.export folds it."""
+
+    class Untraceable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.shape[1] != 3:
+                raise ValueError("3 channels expected")
+            return self.bn(self.conv(x))
+
+    model, x = _random_bn(Untraceable()), torch.randn(1, 3, 9, 11)
+    fused, report = reparam.fuse_with_report(model)
+    assert [s.path for s in report.norms_left] == ["bn"]
+    assert "called by the Python of '<root>'" in report.norms_left[0].reason
+    assert "batch norms left" in str(report) and report.untraced[0].fused_below == 0
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert not report.norms_left and reparam.count(fused, (x,)).bns == 0
+    assert_equivalent(model, fused, x, rtol=1e-5)
