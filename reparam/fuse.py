@@ -11,13 +11,11 @@ import math
 import numbers
 import operator
 import re
-import warnings
 import weakref
 from dataclasses import replace
 
 import torch
 from torch import fx, nn
-from torch._subclasses import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import remove_spectral_norm, remove_weight_norm
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -616,21 +614,10 @@ def _fuse_hooked(gm: fx.GraphModule, prefix: str, report: Report, ratio: float, 
 def _run_engine(gm: fx.GraphModule, inputs, path: str, report: Report, ratio: float, budget) -> engine.Outcome:
     if inputs is not None and not any("val" in n.meta for n in gm.graph.nodes):
         try:
-            _shapes(gm, inputs)
+            ShapeProp(gm).propagate(*fresh(inputs))
         except Exception as e:  # shapes only sharpen a few checks; rules refuse without them
             report.notes.append(f"shape propagation failed at '{path or '<root>'}': {e}")
     return engine.run(gm, max_macs_ratio=ratio, budget=budget, prefix=f"{path}." if path else "")
-
-
-def _shapes(gm: fx.GraphModule, inputs):
-    """Each node's shape and dtype (`tensor_meta`), propagated on fake tensors (nothing is
-    computed); where an op has no fake kernel, on the inputs themselves."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ShapeProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*fresh(inputs))
-    except Exception:
-        ShapeProp(gm).propagate(*fresh(inputs))
 
 
 def _merge_scopes(gm: fx.GraphModule) -> set[str]:
