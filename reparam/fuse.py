@@ -430,22 +430,36 @@ def _dressed(gm: fx.GraphModule, module: nn.Module) -> fx.GraphModule:
     own methods (`_apply`, `train`, `__getattr__`, ...) stay the graph module's: a class that
     overrides them reads children the graph may have merged. torch's own classes and a class
     that cannot be combined with the graph module's are left a plain graph module."""
-    gm = _with_attributes(gm, module)
-    cls = type(module)
-    if cls.__module__.split(".")[0] == "torch" or isinstance(module, fx.GraphModule) \
+    return _dress(_with_attributes(gm, module), type(module))
+
+
+def _dress(gm: fx.GraphModule, cls: type) -> fx.GraphModule:
+    """gm of a subclass of both `cls` and its graph module class (see `_dressed`)."""
+    if cls.__module__.split(".")[0] == "torch" or issubclass(cls, fx.GraphModule) \
             or any("__call__" in vars(c) for c in cls.__mro__ if c not in nn.Module.__mro__):
         return gm
     impl = type(gm)
     own = {k for c in cls.__mro__ if c not in nn.Module.__mro__ for k in vars(c)}
     body = {k: next(vars(c)[k] for c in impl.__mro__ if k in vars(c))
             for k in own & _MODULE_NAMES}
-    # called as any module: fx's recompile on this class wraps whatever __call__ it finds here
-    body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __call__=nn.Module.__call__)
+    # called as any module: fx's recompile on this class wraps whatever __call__ it finds here;
+    # pickled as fx pickles a graph module, and dressed again when loaded
+    body.update(__module__=cls.__module__, __qualname__=cls.__qualname__, __call__=nn.Module.__call__,
+                __reduce__=_reduce_dressed, reparam_class=cls)
     try:
         gm.__class__ = type(cls.__name__, (cls, impl), body)
     except TypeError:  # a metaclass, __slots__ or __init_subclass__ of its own
         return gm
     return gm
+
+
+def _reduce_dressed(self):
+    load, args = fx.GraphModule.__reduce__(self)
+    return _load_dressed, (load, args, type(self).reparam_class)
+
+
+def _load_dressed(load, args, cls):
+    return _dress(load(*args), cls)
 
 
 # what a class of the user's must not override on a fused module: nn.Module's and fx's own

@@ -9,6 +9,7 @@ Without example inputs the root's Python stays (Ultralytics iterates its layers 
 from __future__ import annotations
 
 import copy
+import io
 import os
 
 import pytest
@@ -53,7 +54,7 @@ def test_yolo_fuses_like_ultralytics(config, with_inputs):
 def test_yolo_layers_keep_what_the_parent_reads():
     """Fused in place: the layers Ultralytics iterates keep their class and `f`, `i`, `type`, and
     the fused model still runs Ultralytics' own methods (`.to()` runs BaseModel._apply, which
-    moves the head's `stride`), deep copies and pickles."""
+    moves the head's `stride`), deep copies, saves and loads (`torch.save` pickles the model)."""
     from ultralytics.nn.modules import Conv, Detect
 
     model, x = _yolo("yolov8n.yaml")
@@ -68,6 +69,12 @@ def test_yolo_layers_keep_what_the_parent_reads():
     fused = copy.deepcopy(fused).to(torch.float64).to(torch.float32)
     assert isinstance(fused.model[0], Conv) and fused.model[0].i == 0
     assert_equivalent(model, fused, x, rtol=1e-5)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert isinstance(loaded.model[0], Conv) and isinstance(loaded.model[-1], Detect) and loaded.model[-1].i == 22
+    assert_equivalent(model, loaded, x, rtol=1e-5)
     assert model.model[0].bn is not None  # the user's model is untouched
 
 
