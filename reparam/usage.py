@@ -237,15 +237,15 @@ class _Uses:
 
     def loop_over(self, e, up):
         """(the loop or comprehension, its element variable) where `e` is what it iterates (also
-        through `enumerate(e)` or `zip(..., e, ...)`), else (None, None)."""
-        index = None
-        if isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id in ("enumerate", "zip") \
+        through `enumerate(...)` and `zip(..., e, ...)`, nested), else (None, None)."""
+        path = []  # where e's element sits in the loop target: `for i, (m, n) in enumerate(zip(a, e))`
+        while isinstance(up, ast.Call) and isinstance(up.func, ast.Name) and up.func.id in ("enumerate", "zip") \
                 and e in up.args:
-            index = 1 if up.func.id == "enumerate" else up.args.index(e)
+            path.insert(0, 1 if up.func.id == "enumerate" else up.args.index(e))
             e, up = up, self.parent.get(id(up))
         if isinstance(up, (ast.For, ast.comprehension)) and up.iter is e:
             target = up.target
-            if index is not None:
+            for index in path:
                 target = target.elts[index] if isinstance(target, ast.Tuple) and index < len(target.elts) else None
             if isinstance(target, ast.Name):
                 return (up if isinstance(up, ast.For) else self.parent.get(id(up))), target.id

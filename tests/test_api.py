@@ -254,3 +254,63 @@ def test_report_counts_and_error():
     assert report.max_rel_error <= 1e-5 and math.isfinite(report.max_rel_error)
     assert {r.rule for r in report.rewrites} >= {"merge_sequential", "merge_sum"}
     assert "merge_sum" in str(report) and reparam.explain(model, (x,)).after == report.after
+
+
+class Layer(nn.Module):
+    """A user's layer: attributes the parent reads, an `extra_repr` and `_apply` reading children
+    that fusing merges away."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn, self.index, self.scale = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), 0, torch.ones(1)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))) * self.scale
+
+    def extra_repr(self):
+        return f"bn eps={self.bn.eps}"
+
+    def _apply(self, fn, *args, **kwargs):
+        self.bn.eps = self.bn.eps  # reads a child the fused graph no longer holds
+        return super()._apply(fn, *args, **kwargs)
+
+
+class Loops(nn.Module):
+    """Untraceable (a size check); iterates a list literal, a slice, a comprehension and a zip,
+    reads plain data of the elements and passes them to its own method."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Layer(4), Layer(4)
+        self.blocks = nn.ModuleList([Layer(4) for _ in range(3)])
+        self.pairs = nn.ModuleList([Layer(4) for _ in range(2)])
+
+    def forward(self, x):
+        if x.shape[1] != 4:
+            raise ValueError("4 channels expected")
+        for m in [self.a, self.b]:
+            x = self.run(m, x) + m.index
+        for m in self.blocks[:-1]:
+            x = m(x)
+        x = sum(m(x) for m in self.blocks[-1:])
+        for i, (m, n) in enumerate(zip(self.pairs, self.pairs)):
+            x = m(x) + n.index
+        return x
+
+    def run(self, m, x):
+        return m(x) if isinstance(m, Layer) else x
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_layers_under_python_are_fused_in_place(with_inputs):
+    model = randomize(Loops(), seed=0).eval()
+    x = x_(1, 4, 9, 11)
+    fused, report = reparam.fuse_with_report(model, (x,) if with_inputs else None)
+    layers = [fused.a, fused.b, *fused.blocks, *fused.pairs]
+    assert all(isinstance(m, Layer) and not hasattr(m, "bn") for m in layers), report
+    assert reparam.count(fused, (x,)).bns == 0 and not report.norms_left
+    assert "Layer" in repr(fused) and fused.a.index == 0
+    moved = copy.deepcopy(fused).to(torch.float64)
+    assert isinstance(moved.blocks[0], Layer) and moved.blocks[0].conv.weight.dtype == torch.float64
+    assert_equivalent(model, fused, x)
+    assert hasattr(model.a, "bn")  # the user's model is untouched
