@@ -87,6 +87,7 @@ def fuse_with_report(model: nn.Module, example_inputs: tuple | None = None, *, i
         reparam.InternalError: as for `fuse`.
     """
     inputs = _check(model, example_inputs, max_macs_ratio)
+    _JUDGED.clear()  # judgements of this fuse only (with inplace=True the modules are the user's)
     training = model.training
     work = model if inplace else _copy(model)
     work.eval()
@@ -396,6 +397,7 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
     report.unchecked += [f"{prefix}{u}" for u in outcome.unchecked]
     report.faults += [Skip(r.rule, prefix + where(r.node), r.reason) for r in outcome.faults]
     if not outcome.applied and not _has_hooked(gm) and not _folded(gm, path, report):
+        _JUDGED.add(module)
         return module  # nothing merged: the module itself is exact, and keeps its class
     if getattr(gm, "reparam_static", None):
         shapes = ", ".join("(" + ", ".join(map(str, s)) + ")" for s in gm.reparam_static)
@@ -469,8 +471,8 @@ _MODULE_NAMES = {k for c in fx.GraphModule.__mro__[:-1] for k in vars(c)} - {
     "__annotations__", "__firstlineno__", "__static_attributes__"}
 
 
-# modules kept as Python although a graph of theirs was fused (every merge was below them): a
-# piece, whose inside that graph has judged
+# modules kept as Python although a graph of theirs was fused (every merge was below them, or
+# none applied): a piece, whose inside that graph has judged
 _JUDGED: weakref.WeakSet = weakref.WeakSet()
 _LINEAR = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear)
 _LINEAR_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.neg, torch.add, torch.cat}
@@ -539,7 +541,8 @@ def _all_linear(m: nn.Module) -> bool:
 def _open_norms(model: nn.Module) -> list[nn.Module]:
     """The batch norms in `model` that no graph holds with the op before them: called by a
     parent's Python, or reading their graph's input. A graph spanning more may fold them."""
-    held = {id(m) for gm in model.modules() if isinstance(gm, fx.GraphModule) for m in gm.modules()}
+    held = {id(m) for gm in model.modules() if isinstance(gm, fx.GraphModule) or gm in _JUDGED
+            for m in gm.modules()}
     open_ = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in held]
     for gm in model.modules():
         if isinstance(gm, fx.GraphModule):
