@@ -19,7 +19,7 @@ def test_mkdocs_build_strict(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     for page in ("notebooks/fuse_gcnet", "notebooks/own_block", "notebooks/inside_the_compiler",
-                 "notebooks/train_fuse_export", "api", "api-gcnet", "export"):
+                 "notebooks/train_fuse_export", "notebooks/why_not", "why_not", "api", "api-gcnet", "export"):
         assert (site / page / "index.html").is_file(), page
     api = (site / "api" / "index.html").read_text()
     assert 'id="reparam.fuse.fuse"' in api and 'id="reparam.export.to_onnx"' in api

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "docs" / "notebooks").glob("*.ipynb"))
 
 
-def test_the_five_tutorials_exist():
+def test_the_six_tutorials_exist():
     assert {p.stem for p in NOTEBOOKS} == {"fuse_gcnet", "own_block", "inside_the_compiler", "train_fuse_export",
-                                           "expand_any_network"}
+                                           "expand_any_network", "why_not"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

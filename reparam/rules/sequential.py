@@ -19,7 +19,9 @@ def merge_sequential(node: fx.Node, g: Graph):
         return None
     if isinstance(second, str):
         first_node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if first_node is not None and isinstance(linear(g, first_node), tuple):
+        # a linear op before it, even one that refuses too (a conv and its BN both called from
+        # two places): the pair is not folded, and the report says why
+        if first_node is not None and linear(g, first_node) is not None:
             return Refusal(NAME, node, second)
         return None
     b, a_node = second
