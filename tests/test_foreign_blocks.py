@@ -224,6 +224,18 @@ def test_acnet_crops_fuse_to_one_conv(case, with_inputs):
 
 # ---- ECBSR's SeqConv3x3 (conv1x1-conv3x3) ----
 
+
+def _bias_padded(x, k0, b0):
+    """ECBSR's 1×1 conv, padded by one with its own bias by slice assignment (the authors' idiom)."""
+    y0 = F.conv2d(input=x, weight=k0, bias=b0, stride=1)
+    y0 = F.pad(y0, (1, 1, 1, 1), "constant", 0)
+    b0_pad = b0.view(1, -1, 1, 1)
+    y0[:, :, 0:1, :] = b0_pad
+    y0[:, :, -1:, :] = b0_pad
+    y0[:, :, :, 0:1] = b0_pad
+    y0[:, :, :, -1:] = b0_pad
+    return y0
+
 class SeqConv3x3(nn.Module):
     """1×1 conv with bias, zero padding with the border overwritten by that bias, unpadded
     3×3 conv: functional calls with keyword arguments, weights taken from throwaway convs."""
@@ -239,14 +251,7 @@ class SeqConv3x3(nn.Module):
         self.b1 = conv1.bias
 
     def forward(self, x):
-        y0 = F.conv2d(input=x, weight=self.k0, bias=self.b0, stride=1)
-        y0 = F.pad(y0, (1, 1, 1, 1), "constant", 0)
-        b0_pad = self.b0.view(1, -1, 1, 1)
-        y0[:, :, 0:1, :] = b0_pad
-        y0[:, :, -1:, :] = b0_pad
-        y0[:, :, :, 0:1] = b0_pad
-        y0[:, :, :, -1:] = b0_pad
-        y1 = F.conv2d(input=y0, weight=self.k1, bias=self.b1, stride=1)
+        y1 = F.conv2d(input=_bias_padded(x, self.k0, self.b0), weight=self.k1, bias=self.b1, stride=1)
         return y1
 
 
@@ -303,13 +308,7 @@ class EdgeSeqConv3x3(SeqConv3x3):
     def forward(self, x):
         if self.type == "conv1x1-conv3x3":
             return super().forward(x)
-        y0 = F.conv2d(input=x, weight=self.k0, bias=self.b0, stride=1)
-        y0 = F.pad(y0, (1, 1, 1, 1), "constant", 0)
-        b0_pad = self.b0.view(1, -1, 1, 1)
-        y0[:, :, 0:1, :] = b0_pad
-        y0[:, :, -1:, :] = b0_pad
-        y0[:, :, :, 0:1] = b0_pad
-        y0[:, :, :, -1:] = b0_pad
+        y0 = _bias_padded(x, self.k0, self.b0)
         return F.conv2d(input=y0, weight=self.scale * self.mask, bias=self.bias, stride=1, groups=self.out_planes)
 
     def rep_params(self):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import io
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,18 +22,21 @@ from reparam.testing import assert_equivalent
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 tasks = pytest.importorskip("ultralytics.nn.tasks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `examples`, `benchmarks`
+from examples.blocks import randomize_norms  # noqa: E402
 
 
 def _random_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.2)
-    return model.eval()
+    return randomize_norms(model, seed).eval()
+
+
+def _at_most_as_many(model, ours, theirs, x, who: str):
+    """`ours` runs at most the convs and BNs of `theirs` (the library's converter), and computes
+    `model`'s function."""
+    t, o = reparam.count(theirs, (x,)), reparam.count(ours, (x,))
+    assert o.convs <= t.convs and o.bns <= t.bns, \
+        f"convs/BNs {o.convs}/{o.bns} after reparam.fuse vs {t.convs}/{t.bns} after {who}"
+    assert_equivalent(model, ours, x, rtol=1e-5)
 
 
 def _yolo(config: str):
@@ -44,11 +49,7 @@ def _yolo(config: str):
 def test_yolo_fuses_like_ultralytics(config, with_inputs):
     model, x = _yolo(config)
     theirs = copy.deepcopy(model).fuse(verbose=False)
-    ours = reparam.fuse(model, (x,) if with_inputs else None)
-    t, o = reparam.count(theirs, (x,)), reparam.count(ours, (x,))
-    assert o.convs <= t.convs and o.bns <= t.bns, \
-        f"{config}: convs/BNs {o.convs}/{o.bns} after reparam.fuse vs {t.convs}/{t.bns} after Ultralytics"
-    assert_equivalent(model, ours, x, rtol=1e-5)
+    _at_most_as_many(model, reparam.fuse(model, (x,) if with_inputs else None), theirs, x, f"Ultralytics ({config})")
 
 
 def test_yolo_layers_keep_what_the_parent_reads():
@@ -118,11 +119,7 @@ def test_smp_with_a_timm_encoder_fuses_like_timm(with_inputs):
     model = _random_bn(_smp().FPN("tu-repvgg_a0", encoder_weights=None, classes=3))
     x = torch.randn(1, 3, 64, 64)
     theirs = reparameterize_model(copy.deepcopy(model))
-    ours = reparam.fuse(model, (x,) if with_inputs else None)
-    t, o = reparam.count(theirs, (x,)), reparam.count(ours, (x,))
-    assert o.convs <= t.convs and o.bns <= t.bns, \
-        f"convs/BNs {o.convs}/{o.bns} after reparam.fuse vs {t.convs}/{t.bns} after timm"
-    assert_equivalent(model, ours, x, rtol=1e-5)
+    _at_most_as_many(model, reparam.fuse(model, (x,) if with_inputs else None), theirs, x, "timm")
 
 
 def test_the_report_says_why_each_batch_norm_is_left():
@@ -153,10 +150,6 @@ def test_rtdetr_fuses_fully_though_its_top_k_flips_in_float32():
     """RT-DETR-L selects its queries by top-k: at 96×96 rounding in float32 flips a near tie, and
     the output moves by about 0.4 relative for any exact fuse (Ultralytics' too). The whole-model
     check compares in float64, where the fused model agrees: nothing is undone."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.reach import build, ultralytics_fuse
 
     model, x, _ = build("rtdetr-l", 96)
