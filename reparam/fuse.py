@@ -161,15 +161,18 @@ def explain(model: nn.Module, example_inputs: tuple | None = None, *, max_macs_r
 
 def _norms_left(fused: nn.Module, report: Report) -> list[Skip]:
     """Each batch norm `fused` still holds, with the first reason the report gives for it: a
-    refusal at it or at a sibling (`block.conv` for `block.bn`), else the untraced module whose
-    Python calls it, else that no rule saw an op to fold it into."""
+    refusal at it, at a sibling (`block.conv` for `block.bn`) or naming it (the conv before it
+    has other readers), else the untraced module whose Python calls it, else that no rule saw
+    an op to fold it into."""
     out = []
     for name, m in fused.named_modules():
         if not isinstance(m, nn.modules.batchnorm._BatchNorm) or any(name == s.path for s in out):
             continue
         scope = name.rpartition(".")[0]
+        named = re.compile(rf"(?<![\w.]){re.escape(name)}(?![\w.])")
         why = next((s for s in report.skipped if s.path == name), None) \
-            or next((s for s in report.skipped if s.path.rpartition(".")[0] == scope and scope), None)
+            or next((s for s in report.skipped if s.path.rpartition(".")[0] == scope and scope), None) \
+            or next((s for s in report.skipped if named.search(s.reason)), None)  # "6 ops read it (…bn…)"
         if why is not None:
             out.append(Skip(why.rule, name, f"{why.reason} (at {why.path})" if why.path != name else why.reason))
             continue

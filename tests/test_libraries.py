@@ -161,3 +161,24 @@ def test_rtdetr_fuses_fully_though_its_top_k_flips_in_float32():
     with torch.no_grad():
         exact = reparam.testing.rel_error(*(m(x.double()) for m in wide))
     assert exact < 1e-7, exact
+
+
+def test_a_batch_norm_left_gets_the_refusal_that_names_it():
+    """A BN whose conv (in another submodule) has a second reader: the refusal is at the conv,
+    and names the BN among the readers; the BN's line says that, not that nothing was near it."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+            self.b, self.c = torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y) + self.c(torch.relu(y))
+
+    model, x = _random_bn(Shared()), torch.randn(1, 3, 9, 11)
+    fused, report = reparam.fuse_with_report(model)
+    assert [s.path for s in report.norms_left] == ["b"], report
+    assert "also used elsewhere" in report.norms_left[0].reason and "(at a.0)" in report.norms_left[0].reason
+    assert_equivalent(model, fused, x, rtol=1e-5)
