@@ -79,7 +79,7 @@ MODELS = {
     "smp-upernet-repvit_m0_9": ("smp", ("UPerNet", "tu-repvit_m0_9")),
     "smp-linknet-mobileone_s0": ("smp", ("Linknet", "tu-mobileone_s0")),
 }
-SLOW = {"rtdetr-l"}  # about 27 minutes with example inputs
+SLOW = {"rtdetr-l"}  # the largest (27 minutes with example inputs before stop 19; now about 10 s)
 MODES = ("none", "given")
 SMP_SIZE = 256
 
