@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import operator
 import re
 import weakref
 from dataclasses import replace
@@ -23,7 +22,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import engine, trace, usage
-from .ops import CONST_PREFIX, common_scope, module_path, where
+from .ops import ADD, CAT, CONST_PREFIX, MUL, NEG, SUB, common_scope, module_path, where
 from .report import Report, Skip, Untraced
 from .stats import count, run_counted
 from .testing import rel_error
@@ -166,7 +165,7 @@ def _norms_left(fused: nn.Module, report: Report) -> list[Skip]:
     an op to fold it into."""
     out = []
     for name, m in fused.named_modules():
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or any(name == s.path for s in out):
+        if not isinstance(m, _BN):
             continue
         scope = name.rpartition(".")[0]
         named = re.compile(rf"(?<![\w.]){re.escape(name)}(?![\w.])")
@@ -355,28 +354,22 @@ def _fuse(module: nn.Module, inputs, path: str, report: Report, ratio: float, sc
     if _torch_layer(module):
         return module  # nothing inside to merge (and BatchNorm1d's input check refuses a tracer)
     gm, errors = trace.trace(module, fresh(inputs), front_ends=("fx",))
-    if gm is None and inputs is not None and list(module.children()):
-        # its children first, each fused where it traces (fast); torch.export of the whole
-        # (slow) only where that leaves a norm no graph saw next to its conv
-        trial = Report()
-        observation = observation or usage.observe(module, fresh(inputs))
-        kept = _fuse_children(module, inputs, path, trial, ratio, None, budget, observation=observation)
-        if _may_merge_across(module, kept, observation):
+    if gm is None:
+        # its children first, each fused where it traces (fast); with example inputs,
+        # torch.export of the whole (slow) where that may merge more: a module without children,
+        # or pieces that meet linearly (see _may_merge_across)
+        below, kept = Report(), module
+        if list(module.children()):
+            if inputs is not None:
+                observation = observation or usage.observe(module, fresh(inputs))
+            kept = _fuse_children(module, inputs, path, below, ratio, None, budget, observation=observation)
+        if inputs is not None and (kept is module or _may_merge_across(module, kept, observation)):
             gm, more = trace.trace(module, fresh(inputs), front_ends=("export",))
             errors += more
         if gm is None:
-            report.untraced.append(Untraced(path or "<root>", "; ".join(errors), len(trial.rewrites)))
-            report.extend(trial)
+            report.untraced.append(Untraced(path or "<root>", "; ".join(errors), len(below.rewrites)))
+            report.extend(below)
             return kept
-    if gm is None:
-        if not list(module.children()):
-            report.untraced.append(Untraced(path or "<root>", "; ".join(errors), 0))
-            return module
-        below = Report()
-        kept = _fuse_children(module, inputs, path, below, ratio, None, budget, observation=observation)
-        report.untraced.append(Untraced(path or "<root>", "; ".join(errors), len(below.rewrites)))
-        report.extend(below)
-        return kept
     here = Report()
     if errors:
         here.untraced.append(Untraced(path or "<root>", "; ".join(errors)))
@@ -477,8 +470,9 @@ _MODULE_NAMES = {k for c in fx.GraphModule.__mro__[:-1] for k in vars(c)} - {
 # modules kept as Python although a graph of theirs was fused (every merge was below them, or
 # none applied): a piece, whose inside that graph has judged
 _JUDGED: weakref.WeakSet = weakref.WeakSet()
-_LINEAR = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear)
-_LINEAR_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.neg, torch.add, torch.cat}
+_BN = nn.modules.batchnorm._BatchNorm
+_LINEAR = (nn.modules.conv._ConvNd, _BN, nn.Linear)
+_LINEAR_FUNCTIONS = ADD | SUB | MUL | NEG | CAT
 
 
 def _may_merge_across(module: nn.Module, kept: nn.Module, seen: usage.Observation) -> bool:
@@ -546,13 +540,13 @@ def _open_norms(model: nn.Module) -> list[nn.Module]:
     parent's Python, or reading their graph's input. A graph spanning more may fold them."""
     held = {id(m) for gm in model.modules() if isinstance(gm, fx.GraphModule) or gm in _JUDGED
             for m in gm.modules()}
-    open_ = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in held]
+    open_ = [m for m in model.modules() if isinstance(m, _BN) and id(m) not in held]
     for gm in model.modules():
         if isinstance(gm, fx.GraphModule):
             for n in gm.graph.nodes:
                 if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node) \
                         and n.args[0].op == "placeholder" \
-                        and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm):
+                        and isinstance(gm.get_submodule(n.target), _BN):
                     open_.append(gm.get_submodule(n.target))
     return open_
 

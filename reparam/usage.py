@@ -29,13 +29,12 @@ class Observation:
         loose: the ids of the modules used as collections: a child of theirs was called while
             they were not running.
         flows: for each module called exactly once, by id, (the ids of the tensors it read,
-            the ids of the tensors it returned, their shapes); the tensors are kept alive, so
-            ids are unique.
+            the ids of the tensors it returned, their shapes); the tensors were all alive
+            together, so the ids tell them apart.
     """
     args: dict = field(default_factory=dict)
     loose: set = field(default_factory=set)
     flows: dict = field(default_factory=dict)
-    _alive: list = field(default_factory=list, repr=False)
 
 
 def observe(module: nn.Module, inputs) -> Observation:
@@ -46,10 +45,11 @@ def observe(module: nn.Module, inputs) -> Observation:
             parents.setdefault(id(c), []).append(p)
     parent = {k: ups[0] for k, ups in parents.items()}
     running, calls, flows, seen = [], {}, {}, Observation()
+    alive = []  # every tensor seen, until the forward ends: no id is reused meanwhile
 
     def tensors(value):
         found = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
-        seen._alive.extend(found)
+        alive.extend(found)
         return {id(t) for t in found}
 
     def pre(m, args, kwargs):
@@ -122,7 +122,7 @@ def from_source(module: nn.Module) -> dict[str, tuple[int, str]]:
     return {name: max(uses[name]) if name in uses else UNKNOWN for name in names}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _methods(cls: type) -> dict[str, ast.FunctionDef] | None:
     """The methods of `cls` and its bases outside torch.nn, by name (the most derived one), parsed
     once per class; None where a source cannot be read."""
@@ -231,9 +231,7 @@ class _Uses:
         if fn is None or name in self.seen or index + 1 >= len(fn.args.args):
             return UNKNOWN
         inner = _Uses(fn, self.module, self.names, self.methods, self.seen)
-        param = fn.args.args[index + 1].arg
-        names = [n for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id == param and isinstance(n.ctx, ast.Load)]
-        return max([inner.use(n, objs, depth + 1) for n in names] or [WHOLE])
+        return inner.named(fn, fn.args.args[index + 1].arg, objs, depth + 1)
 
     def loop_over(self, e, up):
         """(the loop or comprehension, its element variable) where `e` is what it iterates (also

@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 import reparam
@@ -314,3 +315,26 @@ def test_layers_under_python_are_fused_in_place(with_inputs):
     assert isinstance(moved.blocks[0], Layer) and moved.blocks[0].conv.weight.dtype == torch.float64
     assert_equivalent(model, fused, x)
     assert hasattr(model.a, "bn")  # the user's model is untouched
+
+
+class LeafConvs(nn.Module):
+    """No submodules: its own kernels, and a size check fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.k0 = nn.Parameter(torch.randn(4, 3, 1, 1, generator=gen))
+        self.k1 = nn.Parameter(torch.randn(4, 4, 3, 3, generator=gen))
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("3 channels expected")
+        return F.conv2d(F.conv2d(x, self.k0), self.k1)
+
+
+def test_an_untraceable_module_without_children_is_exported_with_example_inputs():
+    """Nothing below it to fuse one by one: with example inputs torch.export traces it."""
+    model, x = LeafConvs().eval(), x_(1, 3, 9, 11)
+    fused = reparam.fuse(model, (x,))
+    assert reparam.count(fused, (x,)).convs == 1
+    assert_equivalent(model, fused, x)
